@@ -58,16 +58,18 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
 def so3_log(r: torch.Tensor) -> torch.Tensor:
     """Rotation matrices ``(..., 3, 3)`` -> rotation vectors ``(..., 3)`` (radians, angle in [0, pi])."""
     cos = ((r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1.0, 1.0)
-    theta = torch.acos(cos)
     v = torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
+    # atan2 keeps the angle accurate near 0 and pi, where acos loses precision
+    theta = torch.atan2(0.5 * torch.linalg.norm(v, dim=-1), cos)
     sin = torch.sin(theta)
     small = theta < 1e-6
     near_pi = theta > math.pi - 1e-3
     factor = torch.where(small, 0.5 + theta ** 2 / 12, theta / (2 * torch.where(small, torch.ones_like(sin), sin)))
     w = factor[..., None] * v
     if near_pi.any():
-        # near pi: axis from the largest diagonal element of (R + I) / 2
-        bb = (r + torch.eye(3, dtype=r.dtype, device=r.device)) / 2
+        # near pi: axis from the symmetric part, (R + R^T)/2 - cos I = (1 - cos) a a^T
+        eye3 = torch.eye(3, dtype=r.dtype, device=r.device)
+        bb = (r + r.transpose(-1, -2)) / 2 - cos[..., None, None] * eye3
         diag = bb.diagonal(dim1=-2, dim2=-1)
         idx = diag.argmax(-1)
         col = torch.gather(bb, -1, idx[..., None, None].expand(*bb.shape[:-1], 1))[..., 0]
@@ -216,6 +218,8 @@ class Projection:
         if (sdd_t <= 0).any():
             raise InputError("the source-to-detector distance must be positive (mm)")
         ps = torch.as_tensor(pixel_spacing, dtype=torch.float64, device=dev).reshape(-1)
+        if not torch.isfinite(ps).all() or (ps <= 0).any():
+            raise InputError("detector pixel spacing must be positive and finite (mm)")
         ps = (ps.expand(2) if ps.numel() == 1 else ps.reshape(-1, 2)).expand(b, 2).clone() \
             if ps.numel() in (1, 2) else ps.reshape(b, 2)
         if principal_point is None:
