@@ -807,6 +807,14 @@ class PPCRegistrationCoreLogic:
         showXrayInSliceViews(self.scene, self.xrayDisplayNode, self.drrNode, opacity,
                              None if sliceNode is None else [sliceNode])
 
+    def setOverlayOpacity(self, opacity: float) -> None:
+        """Opacity of the DRR over the X-ray in the slice views that show this session's X-ray."""
+        col = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        for i in range(col.GetNumberOfItems()):
+            cn = col.GetItemAsObject(i)
+            if self.drrNode is not None and cn.GetForegroundVolumeID() == self.drrNode.GetID():
+                cn.SetForegroundOpacity(float(opacity))
+
     def outputNodes(self) -> dict[str, Any]:
         return {"transform": self.transformNode, "drr": self.drrNode, "contour2d": self.contour2DNode,
                 "contour3d": self.contour3DNode, "flow": self.flowNode, "carm": self.carmNode,
