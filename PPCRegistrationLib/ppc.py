@@ -68,7 +68,8 @@ def ppc_system(points: torch.Tensor, gradients: torch.Tensor, source: torch.Tens
 
 def solve_ppc(points: torch.Tensor, gradients: torch.Tensor, source: torch.Tensor, ray_dirs: torch.Tensor,
               weights: torch.Tensor | None = None, *, regularization: float = 1e-6,
-              rank_tolerance: float = 1e-7, centre: torch.Tensor | None = None) -> PPCSolution:
+              rank_tolerance: float = 1e-7, centre: torch.Tensor | None = None,
+              damping: torch.Tensor | None = None) -> PPCSolution:
     """Weighted, regularised, differentiable PPC solve for a batch of systems.
 
     Args:
@@ -81,6 +82,9 @@ def solve_ppc(points: torch.Tensor, gradients: torch.Tensor, source: torch.Tenso
             the solve finite (and differentiable) when the system is rank deficient.
         rank_tolerance: a smallest/largest scaled eigenvalue ratio below this flags the system.
         centre: ``(B, 3)`` centring point; default the weighted centroid of ``points``.
+        damping: optional ``(B, 6, 6)`` positive semi-definite matrix added to the normal matrix, in the scaled
+            basis (rotation rad x radius = mm, translation mm) and relative to its mean eigenvalue: damps chosen
+            directions, e.g. the weakly observable depth translation and out-of-plane rotations of one view.
     Returns:
         :class:`PPCSolution`; ``dv`` is finite even for rank-deficient systems (then it is the minimum-norm
         regularised solution and ``rank_deficient`` is True).
@@ -124,7 +128,10 @@ def solve_ppc(points: torch.Tensor, gradients: torch.Tensor, source: torch.Tenso
     mean_eval = (m.diagonal(dim1=-2, dim2=-1).sum(-1) / 6).clamp_min(1e-12)
     reg = regularization * mean_eval
     eye = torch.eye(6, dtype=m.dtype, device=m.device)
-    x = torch.linalg.solve(m + reg[:, None, None] * eye, rhs[..., None])[..., 0]
+    lhs = m + reg[:, None, None] * eye
+    if damping is not None:
+        lhs = lhs + mean_eval[:, None, None] * damping.to(m.dtype)
+    x = torch.linalg.solve(lhs, rhs[..., None])[..., 0]
     dv = x / scale
     res = (a @ dv[..., None])[..., 0] - b
     rms = torch.sqrt((w2 * res * res).sum(-1) / wsum[:, 0].clamp_min(1e-12))

@@ -1,0 +1,536 @@
+"""The registration loop (DESIGN.md §3): iterate the PPC update operator from T_init.
+
+Every iteration renders the DRR at the current estimate (only in a detector window around the region of
+interest), selects contour points, finds their correspondences in the X-ray (classic matching, or a learned
+operator plugged in through :class:`Matcher`), solves the weighted PPC system with robust re-weighting and
+applies the centred rigid update.  The loop keeps the history and the best estimate, stops on convergence,
+on a stop request, or on divergence (then it falls back to the best estimate), and can be reset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Protocol
+
+import torch
+
+from .drr import DRRRenderer, image_gradient
+from .errors import InputError, PPCError
+from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
+from .geometry import Projection, centred_update, invert_rigid, rotation_angle_deg, transform_points
+from .matching import match_along_normals
+from .metrics import mtre as mtre_fn
+from .ppc import solve_ppc
+from .volume import Volume
+
+STATUSES = ("running", "converged", "max_iterations", "diverged", "stopped", "rank_deficient", "failed")
+
+
+@dataclass
+class RegistrationConfig:
+    """Parameters of the registration (units in the names).
+
+    method: ``"classic"`` (learned methods are added by :mod:`PPCRegistrationLib.learned`).
+    max_iterations: maximum number of updates.
+    tolerance_mm: stop when an update moves the target points by less than this (mean, mm).
+    n_points: budget of surface points extracted from the region of interest.
+    bone_threshold_hu: surface points need the CT above this next to the edge.
+    contour_theta_deg: a point is on the contour when its gradient is within this angle of perpendicular to
+        the viewing ray.
+    search_px: initial half-length of the search along the 2D normal (detector pixels); it then adapts to
+        the size of the observed displacements, between ``min_search_px`` and ``search_px``.
+    gradient_sigma_px: Gaussian smoothing of the image gradients at the finest level (pixels).
+    robust_iterations: iteratively re-weighted PPC solves (Tukey on point-to-plane residuals).
+    damping_initial, damping_min, damping_decay: Levenberg-Marquardt style damping of the PPC solve (relative
+        to the mean eigenvalue of the scaled normal matrix).  The depth translation and out-of-plane rotations
+        are weakly observable in a single view, so early, noisy correspondences are damped; an update that
+        lowers the image similarity is rejected and re-solved with ten times the damping; accepted updates
+        decrease it by ``damping_decay`` down to ``damping_min``.
+    max_update_mm: an update moving the targets by more than this is treated as divergence.
+    patience: stop as diverged when the similarity has stayed below the best for this many iterations.
+    window_margin_px: margin around the projected region of interest rendered for matching.
+    device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
+    """
+
+    method: str = "classic"
+    max_iterations: int = 30
+    tolerance_mm: float = 0.05
+    n_points: int = 2000
+    bone_threshold_hu: float = 150.0
+    contour_theta_deg: float = 6.0
+    search_px: float = 24.0
+    min_search_px: float = 4.0
+    gradient_sigma_px: float = 1.0
+    robust_iterations: int = 2
+    damping_initial: float = 0.05
+    damping_min: float = 1e-5
+    damping_decay: float = 0.5
+    reject_worse: bool = False
+    damping_offset_px: float = 2.0
+    out_of_plane_damping: float = 10.0
+    max_update_mm: float = 60.0
+    patience: int = 12
+    window_margin_px: int = 24
+    device: str = "cpu"
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("device 'cuda' was requested but no CUDA GPU is available: use 'cpu' or 'auto'")
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IterationState:
+    """What one update did (tensors on the CPU).
+
+    points_3d ``(N, 3)`` contour points in the CT frame (mm, before T); uv ``(N, 2)`` their projections at the
+    estimate used for this update and uv_matched ``(N, 2)`` their correspondences (pixels, u = column);
+    weights ``(N,)`` in [0, 1]; drr ``(H, W)`` the DRR at that estimate (full detector, zero outside the
+    rendered window); T ``(4, 4)`` the estimate after the update.
+    """
+
+    iteration: int
+    T: torch.Tensor
+    update_mm: float
+    update_deg: float
+    n_contour: int
+    mean_weight: float
+    seconds: float
+    similarity: float
+    mtre_mm: float | None
+    points_3d: torch.Tensor
+    uv: torch.Tensor
+    uv_matched: torch.Tensor
+    weights: torch.Tensor
+    drr: torch.Tensor
+    status: str = "running"
+    message: str = ""
+
+    def summary(self) -> dict:
+        """Scalars only (for JSON and logs)."""
+        return {"iteration": self.iteration, "update_mm": self.update_mm, "update_deg": self.update_deg,
+                "n_contour": self.n_contour, "mean_weight": self.mean_weight, "seconds": self.seconds,
+                "similarity": self.similarity, "mtre_mm": self.mtre_mm, "status": self.status}
+
+
+@dataclass
+class RegistrationResult:
+    """Final outcome of :meth:`Registration.run`."""
+
+    T: torch.Tensor
+    best_T: torch.Tensor
+    status: str
+    iterations: int
+    seconds: float
+    history: list[IterationState] = field(default_factory=list)
+    message: str = ""
+
+
+class Matcher(Protocol):
+    """The 2D matching step of the update operator (classic or learned).
+
+    Given the DRR and X-ray gradient images of the rendered window ``(1, 2, h, w)``, the X-ray window
+    ``(1, h, w)`` and DRR window ``(1, h, w)``, the projected contour points ``uv (1, N, 2)`` (window pixels),
+    their 2D normals ``(1, N, 2)``, the contour mask ``(1, N)`` and the search range (px), return the matched
+    positions ``(1, N, 2)`` (window pixels) and weights ``(1, N)`` in [0, 1] (0 = no correspondence).
+    """
+
+    def __call__(self, drr: torch.Tensor, xray: torch.Tensor, drr_grad: torch.Tensor, xray_grad: torch.Tensor,
+                 uv: torch.Tensor, normals: torch.Tensor, mask: torch.Tensor, search_px: float,
+                 context: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ClassicMatcher:
+    """Search along the 2D normal for the best normalised correlation of gradient profiles (classic PPC)."""
+
+    def __call__(self, drr, xray, drr_grad, xray_grad, uv, normals, mask, search_px, context):
+        res = match_along_normals(drr_grad, xray_grad, uv, normals, mask, search_px=search_px)
+        w = res.score * res.valid.to(res.score.dtype) * mask.to(res.score.dtype)
+        return res.uv_matched, w
+
+
+def crop_projection(proj: Projection, u0: int, v0: int, width: int, height: int) -> Projection:
+    """The same C-arm restricted to the detector window starting at pixel (u0, v0) of size width x height."""
+    K = proj.K.clone()
+    K[:, 0, 2] -= u0
+    K[:, 1, 2] -= v0
+    return replace(proj, K=K, width=int(width), height=int(height))
+
+
+def gradient_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Gradient correlation of two gradient images ``(1, 2, h, w)``: mean NCC of the two components."""
+    out = 0.0
+    for c in range(2):
+        x = a[0, c] - a[0, c].mean()
+        y = b[0, c] - b[0, c].mean()
+        den = torch.sqrt((x * x).sum() * (y * y).sum()).clamp_min(1e-12)
+        out += float((x * y).sum() / den) / 2
+    return out
+
+
+class Registration:
+    """Single-view rigid 2D/3D registration of a CT to an X-ray with the PPC update operator.
+
+    Args:
+        ct: the CT (HU) with its ``ijk_to_world``.
+        xray: ``(H, W)`` X-ray, attenuation-positive (bone bright, as a DRR).
+        projection: the C-arm geometry (batch 1) in the CT's world frame; detector size ``H x W``.
+        T_init: ``(4, 4)`` initial estimate (moves the CT; it is copied, never modified).
+        roi: region of interest (:class:`~PPCRegistrationLib.roi.BoxROI` / ``LabelROI``) or None (whole CT).
+        config: :class:`RegistrationConfig`.
+        T_gt: optional ``(4, 4)`` ground truth, to report mTRE per iteration.
+        matcher: the 2D matching step; default :class:`ClassicMatcher`.
+        surface: precomputed surface points (skip the extraction, e.g. cached per case).
+        renderer: precomputed :class:`~PPCRegistrationLib.drr.DRRRenderer` of this CT.
+    """
+
+    def __init__(self, ct: Volume, xray: torch.Tensor, projection: Projection, T_init: torch.Tensor, roi=None,
+                 config: RegistrationConfig | None = None, T_gt: torch.Tensor | None = None,
+                 matcher: Matcher | None = None, surface: SurfacePoints | None = None,
+                 renderer: DRRRenderer | None = None) -> None:
+        self.config = config or RegistrationConfig()
+        self.device = self.config.resolved_device()
+        if not isinstance(ct, Volume):
+            raise InputError("ct must be a PPCRegistrationLib.volume.Volume")
+        xray = torch.as_tensor(xray)
+        if xray.ndim == 3 and 1 in (xray.shape[0], xray.shape[-1]):
+            xray = xray.reshape(xray.shape[1:] if xray.shape[0] == 1 else xray.shape[:-1])
+        if xray.ndim != 2:
+            raise InputError(f"the X-ray must be a 2D image (H, W), got shape {tuple(xray.shape)}")
+        if not torch.isfinite(xray).all():
+            raise InputError("the X-ray image contains NaN or infinite pixels")
+        if float(xray.max() - xray.min()) <= 0:
+            raise InputError("the X-ray image is constant: nothing to register to")
+        if projection.batch != 1:
+            raise InputError("the registration takes one C-arm geometry (batch 1)")
+        if (projection.height, projection.width) != tuple(xray.shape):
+            raise InputError(f"the X-ray is {tuple(xray.shape)} pixels but the geometry's detector is "
+                             f"{(projection.height, projection.width)} (rows, columns)")
+        T_init = torch.as_tensor(T_init, dtype=torch.float64)
+        _check_rigid(T_init, "initial transform")
+        if T_gt is not None:
+            T_gt = torch.as_tensor(T_gt, dtype=torch.float64)
+            _check_rigid(T_gt, "ground-truth transform")
+        self.ct = ct
+        self.projection = projection.to(self.device, torch.float64)
+        self.xray = xray.to(self.device, torch.float32)
+        self.T_init = T_init.clone().to(self.device)
+        self.T_gt = None if T_gt is None else T_gt.clone().to(self.device)
+        self.roi = roi
+        self.renderer = renderer or DRRRenderer(ct, device=self.device)
+        if surface is None:
+            surface = extract_surface_points(ct, roi, bone_threshold_hu=self.config.bone_threshold_hu,
+                                             budget=self.config.n_points, seed=self.config.seed)
+        if surface.points.shape[0] < 6:
+            raise InputError(f"only {surface.points.shape[0]} surface points in the region of interest: "
+                             "enlarge the region or lower the bone threshold")
+        self.surface = SurfacePoints(surface.points.to(self.device, torch.float64),
+                                     surface.gradients.to(self.device, torch.float64))
+        self.targets = self.surface.points
+        self.matcher: Matcher = matcher or ClassicMatcher()
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to the initial transform; the history is cleared."""
+        self.T = self.T_init.clone()
+        self.best_T = self.T_init.clone()
+        self.best_similarity = -math.inf
+        self.since_best = 0
+        self.history: list[IterationState] = []
+        self.search_px = float(self.config.search_px)
+        self.status = "running"
+        self.damping = float(self.config.damping_initial)
+        self._last: dict | None = None  # the previous update's system, to re-solve it when rejected
+        self._stop = False
+        self._xray_grad_cache: dict[float, torch.Tensor] = {}
+
+    def stop(self) -> None:
+        """Request the running loop to stop after the current update (keeps the last good estimate)."""
+        self._stop = True
+
+    @property
+    def iteration(self) -> int:
+        return len(self.history)
+
+    def mtre(self, T: torch.Tensor | None = None) -> float | None:
+        """mTRE (mm) of ``T`` (default the current estimate) when a ground truth was given."""
+        if self.T_gt is None:
+            return None
+        return float(mtre_fn(self.T if T is None else T, self.T_gt, self.targets))
+
+    def _xray_gradient(self, sigma: float) -> torch.Tensor:
+        key = round(sigma, 3)
+        if key not in self._xray_grad_cache:
+            self._xray_grad_cache[key] = image_gradient(self.xray[None], sigma_px=sigma)
+        return self._xray_grad_cache[key]
+
+    def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
+        misses the detector."""
+        h, w = self.projection.height, self.projection.width
+        m = self.config.window_margin_px + self.search_px
+        lo = torch.floor(uv_all.min(0).values - m)
+        hi = torch.ceil(uv_all.max(0).values + m)
+        u0, v0 = int(max(0, lo[0])), int(max(0, lo[1]))
+        u1, v1 = int(min(w - 1, hi[0])), int(min(h - 1, hi[1]))
+        if u1 - u0 < 8 or v1 - v0 < 8:
+            return None
+        return u0, v0, u1 - u0 + 1, v1 - v0 + 1
+
+    # ------------------------------------------------------------------ one update
+    def step(self) -> IterationState:
+        """One update of the operator from the current estimate; returns what it did."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        T = self.T
+        P0, G0 = self.surface.points, self.surface.gradients
+        proj = self.projection
+        it = self.iteration + 1
+        w_all = transform_points(T, P0)
+        g_all = w_all.new_tensor(0).new_empty(0)  # placeholder for type checkers
+        g_all = G0 @ T[:3, :3].T
+        uv_all = proj.project(w_all[None])[0]
+        empty = torch.zeros(0, 3, dtype=torch.float64)
+
+        def finish(status: str, message: str, T_new: torch.Tensor, **kw) -> IterationState:
+            st = IterationState(iteration=it, T=T_new.detach().cpu().clone(), status=status, message=message,
+                                seconds=time.perf_counter() - t0, mtre_mm=self.mtre(T_new), **kw)
+            self.history.append(st)
+            self.status = status
+            return st
+
+        defaults = dict(update_mm=0.0, update_deg=0.0, n_contour=0, mean_weight=0.0, similarity=math.nan,
+                        points_3d=empty, uv=empty[:, :2], uv_matched=empty[:, :2], weights=empty[:, 0],
+                        drr=torch.zeros(proj.height, proj.width))
+        win = self._window(uv_all)
+        if win is None:
+            self.T = self.best_T.clone()
+            return finish("diverged", "the region of interest projects outside the detector; "
+                          "reverted to the best estimate", self.T, **defaults)
+        u0, v0, ww, wh = win
+        sub = crop_projection(proj, u0, v0, ww, wh)
+        sigma = max(cfg.gradient_sigma_px, min(3.0, self.search_px / 8))
+        drr = self.renderer.render(sub, T[None])  # (1, wh, ww)
+        drr_grad = image_gradient(drr, sigma_px=sigma)
+        xg_full = self._xray_gradient(sigma)
+        xray_grad = xg_full[:, :, v0:v0 + wh, u0:u0 + ww]
+        xray_win = self.xray[None, v0:v0 + wh, u0:u0 + ww]
+        # the similarity is always measured at the same smoothing, so that iterations are comparable
+        sim_sigma = 1.5
+        similarity = gradient_similarity(
+            drr_grad if abs(sigma - sim_sigma) < 1e-6 else image_gradient(drr, sigma_px=sim_sigma),
+            self._xray_gradient(sim_sigma)[:, :, v0:v0 + wh, u0:u0 + ww])
+        drr_full = torch.zeros(proj.height, proj.width)
+        drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
+
+        # Levenberg-Marquardt acceptance: an update that lowered the similarity is undone and re-solved from the
+        # previous estimate with more damping (no new rendering or matching needed)
+        last = self._last
+        if cfg.reject_worse and last is not None and similarity < last["similarity"] - 1e-4 \
+                and self.damping < 1e3:
+            self.damping *= 10
+            sol = self._solve(last, self.damping)
+            T_new = centred_update(sol.dv, sol.centre, last["T"][None])[0]
+            upd_mm = float(mtre_fn(T_new, last["T"], self.targets))
+            self.T = T_new
+            kw = dict(last["state_kw"], drr=drr_full, similarity=similarity, update_mm=upd_mm,
+                      update_deg=float(rotation_angle_deg(T_new @ invert_rigid(last["T"]))))
+            if upd_mm < cfg.tolerance_mm:
+                self.T = last["T"]
+                self._last = None
+                return finish("converged", "no update improves the image similarity any more", self.T, **kw)
+            return finish("running", f"update rejected (similarity fell to {similarity:.4f}); damping "
+                          f"raised to {self.damping:.2g}", T_new, **kw)
+        if last is not None:
+            self.damping = max(cfg.damping_min, self.damping * cfg.damping_decay)
+
+        # best-estimate bookkeeping uses the similarity of the estimate we just rendered
+        if similarity > self.best_similarity + 1e-4:
+            self.best_similarity = similarity
+            self.best_T = T.clone()
+            self.since_best = 0
+        else:
+            self.since_best += 1
+
+        mask = contour_mask(P0[None], G0[None], proj.source, T[None], theta_deg=cfg.contour_theta_deg)[0]
+        uv_win = uv_all - uv_all.new_tensor([u0, v0])
+        inside = (uv_win[:, 0] >= 2) & (uv_win[:, 0] <= ww - 3) & (uv_win[:, 1] >= 2) & (uv_win[:, 1] <= wh - 3)
+        mask = mask & inside
+        idx = torch.nonzero(mask).flatten()
+        n_contour = int(idx.numel())
+        if n_contour < 6:
+            self.T = self.best_T.clone()
+            kw = dict(defaults, similarity=similarity, drr=drr_full, n_contour=n_contour)
+            return finish("rank_deficient", f"only {n_contour} contour points: cannot solve for 6 parameters; "
+                          "kept the best estimate", self.T, **kw)
+        w_c, g_c = w_all[idx], g_all[idx]
+        normals = project_normals(proj, w_c[None], g_c[None])
+        uv_c = uv_win[idx][None].float()
+        uv_m, weights = self.matcher(drr, xray_win, drr_grad, xray_grad, uv_c, normals.float(),
+                                     torch.ones_like(uv_c[..., 0], dtype=torch.bool), self.search_px,
+                                     {"iteration": it, "sigma_px": sigma})
+        uv_m = uv_m.double()
+        weights = weights.double().clamp(0, 1)
+        uv_m_full = uv_m + uv_m.new_tensor([u0, v0])
+        rays = proj.ray_directions(uv_m_full)
+        valid = weights[0] > 0
+        kw = dict(points_3d=P0[idx].cpu(), uv=(uv_c[0].double() + uv_c.new_tensor([u0, v0]).double()).cpu(),
+                  uv_matched=uv_m_full[0].cpu(), drr=drr_full, similarity=similarity, n_contour=n_contour)
+        if int(valid.sum()) < 6:
+            self.T = self.best_T.clone()
+            return finish("rank_deficient", f"only {int(valid.sum())} of {n_contour} contour points found a "
+                          "match: kept the best estimate", self.T, update_mm=0.0, update_deg=0.0,
+                          mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
+        system = {"w": w_c[None], "g": g_c[None], "rays": rays, "weights": weights, "T": T,
+                  "similarity": similarity}
+        if not cfg.reject_worse:
+            # damping from the size of the observed 2D displacements: large, unreliable displacements far from
+            # the solution are damped; small ones near it let the weak (depth) directions be resolved
+            disp_all = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
+            med = float(disp_all.median()) if disp_all.numel() else cfg.search_px
+            self.damping = float(max(cfg.damping_min,
+                                     cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
+            # the weakly observable directions of a single view (depth translation, rotations about the
+            # detector axes) are frozen while the 2D displacements are large and released near the solution
+            oop = float(max(cfg.damping_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
+            system["damping_matrix"] = _out_of_plane_damping(proj, oop)
+        sol = self._solve(system, self.damping)
+        final_w = system["final_weights"][0].float().clamp(0, 1)
+        if bool(sol.rank_deficient[0]):
+            self.T = self.best_T.clone()
+            return finish("rank_deficient", "the PPC system is rank deficient (degenerate contour points): kept "
+                          "the best estimate", self.T, update_mm=0.0, update_deg=0.0,
+                          mean_weight=float(final_w.mean()), weights=final_w.cpu(), **kw)
+        T_new = centred_update(sol.dv, sol.centre, T[None])[0]
+        if not torch.isfinite(T_new).all():
+            self.T = self.best_T.clone()
+            return finish("diverged", "the update is not finite: reverted to the best estimate", self.T,
+                          mean_weight=float(final_w.mean()), weights=final_w.cpu(), update_mm=math.nan,
+                          update_deg=math.nan, **kw)
+        upd_mm = float(mtre_fn(T_new, T, self.targets))
+        upd_deg = float(rotation_angle_deg(T_new @ invert_rigid(T)))
+        kw.update(update_mm=upd_mm, update_deg=upd_deg, mean_weight=float(final_w.mean()), weights=final_w.cpu())
+        if upd_mm > cfg.max_update_mm:
+            self.T = self.best_T.clone()
+            return finish("diverged", f"an update of {upd_mm:.1f} mm exceeds the {cfg.max_update_mm} mm limit: "
+                          "reverted to the best estimate", self.T, **kw)
+        system["state_kw"] = dict(kw)
+        self._last = system
+        # adapt the search range to the displacements actually seen
+        disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[final_w > 0]
+        if disp.numel():
+            s = float(torch.quantile(disp, 0.9)) * 2.0 + 2.0
+            self.search_px = float(min(cfg.search_px, max(cfg.min_search_px, s)))
+        self.T = T_new
+        if upd_mm < cfg.tolerance_mm:
+            return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
+        if self.since_best >= cfg.patience:
+            self.T = self.best_T.clone()
+            return finish("diverged", f"no improvement of the image similarity for {cfg.patience} updates: "
+                          "reverted to the best estimate", self.T, **kw)
+        return finish("running", "", T_new, **kw)
+
+    def _solve(self, system: dict, damping: float):
+        """Robust (IRLS, Tukey) damped PPC solve of one update's correspondences."""
+        src = self.projection.source
+        weights = system["weights"]
+        wts = weights
+        sol = None
+        for r in range(self.config.robust_iterations + 1):
+            sol = solve_ppc(system["w"], system["g"], src, system["rays"], wts, regularization=damping,
+                            damping=system.get("damping_matrix"))
+            if r == self.config.robust_iterations:
+                break
+            res = _point_residuals(system["w"], system["g"], src, system["rays"], sol)
+            wts = weights * _tukey(res, weights > 0)
+        system["final_weights"] = wts
+        return sol
+
+    # ------------------------------------------------------------------ loop
+    def run(self, callback: Callable[[IterationState], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RegistrationResult:
+        """Iterate :meth:`step` until convergence, divergence, a stop request or ``max_iterations``.
+
+        Args:
+            callback: called after every update with its :class:`IterationState`.
+            should_stop: polled before every update; True stops the loop (the estimate is kept).
+        """
+        t0 = time.perf_counter()
+        self._stop = False
+        status = "max_iterations"
+        message = ""
+        while self.iteration < self.config.max_iterations:
+            if self._stop or (should_stop is not None and should_stop()):
+                status, message = "stopped", "stopped on request"
+                break
+            try:
+                st = self.step()
+            except PPCError:
+                raise
+            except RuntimeError as exc:  # numerical failure inside torch: keep the last good estimate
+                self.T = self.best_T.clone()
+                status, message = "failed", f"update failed: {exc}; kept the best estimate"
+                break
+            if callback is not None:
+                callback(st)
+            if st.status != "running":
+                status, message = st.status, st.message
+                break
+        self.status = status
+        return RegistrationResult(T=self.T.detach().cpu().clone(), best_T=self.best_T.detach().cpu().clone(),
+                                  status=status, iterations=self.iteration, seconds=time.perf_counter() - t0,
+                                  history=list(self.history), message=message)
+
+
+def _out_of_plane_damping(proj: Projection, mu: float) -> torch.Tensor:
+    """``(1, 6, 6)`` damping of the rotations about the detector axes and of the translation along the beam."""
+    R = proj.R[0]
+    ex, ey, ez = R[0], R[1], R[2]  # camera axes in world coordinates (rows of R)
+    d = torch.zeros(6, 6, dtype=R.dtype, device=R.device)
+    d[:3, :3] = torch.outer(ex, ex) + torch.outer(ey, ey)
+    d[3:, 3:] = torch.outer(ez, ez)
+    return (mu * d)[None]
+
+
+def _point_residuals(points, gradients, source, rays, sol) -> torch.Tensor:
+    """Point-to-plane residuals ``(B, N)`` (mm) of the correspondences after the solve."""
+    from .ppc import ppc_system
+
+    a, b = ppc_system(points, gradients, source, rays, sol.centre)
+    return (a @ sol.dv[..., None])[..., 0] - b
+
+
+def _tukey(res: torch.Tensor, valid: torch.Tensor, c: float = 4.685) -> torch.Tensor:
+    """Tukey biweight ``(B, N)`` of residuals scaled by their robust spread (1.4826 MAD, at least 0.3 mm)."""
+    out = torch.zeros_like(res)
+    for b in range(res.shape[0]):
+        r = res[b][valid[b]]
+        if r.numel() < 6:
+            out[b] = valid[b].to(res.dtype)
+            continue
+        med = r.median()
+        sigma = max(1.4826 * float((r - med).abs().median()), 0.3)
+        u = (res[b] - med) / (c * sigma)
+        out[b] = torch.where(u.abs() < 1, (1 - u * u) ** 2, torch.zeros_like(u)) * valid[b].to(res.dtype)
+    return out
+
+
+def _check_rigid(T: torch.Tensor, name: str) -> None:
+    if T.shape != (4, 4):
+        raise InputError(f"the {name} must be a 4x4 matrix, got shape {tuple(T.shape)}")
+    if not torch.isfinite(T).all():
+        raise InputError(f"the {name} contains NaN or infinite values")
+    r = T[:3, :3]
+    err = float((r.T @ r - torch.eye(3, dtype=T.dtype, device=T.device)).abs().max())
+    if err > 1e-4 or float(torch.linalg.det(r)) < 0 or float((T[3] - T.new_tensor([0, 0, 0, 1])).abs().max()) > 1e-9:
+        raise InputError(f"the {name} is not rigid (rotation not orthonormal, a reflection, or a bad last row); "
+                         "registration needs a rigid transform")

@@ -1,0 +1,122 @@
+"""Pictures for the command line: overlays of the DRR on the X-ray, correspondences coloured by weight, and the
+initial-vs-final mTRE scatter plots of the evaluation (matplotlib, off-screen Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _edges(drr: torch.Tensor) -> np.ndarray:
+    """Normalised gradient magnitude ``(H, W)`` in [0, 1] of a DRR (for a contour overlay)."""
+    from .drr import image_gradient
+
+    g = image_gradient(drr.float()[None], sigma_px=1.0)[0]
+    mag = torch.sqrt((g ** 2).sum(0))
+    hi = float(torch.quantile(mag.flatten()[::7], 0.99)) if mag.numel() > 100 else float(mag.max())
+    return (mag / max(hi, 1e-12)).clamp(0, 1).cpu().numpy()
+
+
+def _gray(img: torch.Tensor) -> np.ndarray:
+    a = img.detach().float().cpu().numpy()
+    lo, hi = np.percentile(a, [1, 99.5])
+    return np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tensor, drr_final: torch.Tensor,
+                   uv: torch.Tensor | None = None, uv_matched: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None, titles: Sequence[str] = ("initial", "registered"),
+                   suptitle: str = "") -> Path:
+    """Save a 3-panel PNG: the X-ray with the DRR contours (edges) at the initial and at the final estimate,
+    and the correspondences of one update (points p_i coloured by weight, vectors p_i -> p'_i).
+
+    Args:
+        xray: ``(H, W)`` image.  drr_initial, drr_final: ``(H, W)`` DRRs at the two estimates.
+        uv, uv_matched: ``(N, 2)`` pixels (u, v); weights ``(N,)`` in [0, 1].
+    """
+    plt = _plt()
+    from matplotlib.colors import LinearSegmentedColormap
+
+    gray = _gray(xray)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), dpi=100)
+    for ax, drr, title, colour in ((axes[0], drr_initial, titles[0], (1.0, 0.2, 0.1)),
+                                   (axes[1], drr_final, titles[1], (0.1, 1.0, 0.3))):
+        ax.imshow(gray, cmap="gray", interpolation="bilinear")
+        e = _edges(drr)
+        rgba = np.zeros(e.shape + (4,))
+        rgba[..., :3] = colour
+        rgba[..., 3] = np.clip(e * 1.6 - 0.15, 0, 1) * 0.9
+        ax.imshow(rgba, interpolation="bilinear")
+        ax.set_title(f"{title}: DRR contours on the X-ray")
+        ax.axis("off")
+    ax = axes[2]
+    ax.imshow(gray, cmap="gray", interpolation="bilinear")
+    if uv is not None and uv.numel():
+        u = uv.detach().cpu().numpy()
+        w = np.ones(len(u)) if weights is None else weights.detach().cpu().numpy()
+        cmap = LinearSegmentedColormap.from_list("w", [(0.2, 0.2, 1.0), (1.0, 1.0, 0.0), (1.0, 0.1, 0.1)])
+        if uv_matched is not None:
+            m = uv_matched.detach().cpu().numpy()
+            d = m - u
+            ax.quiver(u[:, 0], u[:, 1], d[:, 0], d[:, 1], w, cmap=cmap, angles="xy", scale_units="xy", scale=1,
+                      width=0.002, clim=(0, 1))
+        sc = ax.scatter(u[:, 0], u[:, 1], c=w, cmap=cmap, s=5, vmin=0, vmax=1)
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="correspondence weight")
+    ax.set_title("contour points p_i and matches p'_i")
+    ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
+
+
+def scatter_plot(path: str | Path, results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                 ylabel: str = "mTRE after [mm]", title: str = "") -> Path:
+    """Initial vs final mTRE, one panel per method (as Fig. 2 of the paper).
+
+    Args:
+        results: method name -> (initial mTRE list, final mTRE list), mm.
+    """
+    plt = _plt()
+    n = max(1, len(results))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), dpi=100, squeeze=False)
+    lim = 1.0
+    for ini, fin in results.values():
+        if len(ini):
+            lim = max(lim, float(np.max(ini)), float(np.percentile(fin, 98)) if len(fin) else 0)
+    for ax, (name, (ini, fin)) in zip(axes[0], results.items()):
+        ini_a, fin_a = np.asarray(ini), np.asarray(fin)
+        ax.scatter(ini_a, fin_a, s=8, alpha=0.6)
+        ax.plot([0, lim], [0, lim], "k--", lw=0.8, label="no change")
+        ax.axhline(2.0, color="g", lw=0.8, ls=":", label="2 mm")
+        ax.set_xlim(0, lim * 1.02)
+        ax.set_ylim(0, lim * 1.02)
+        ax.set_xlabel("initial mTRE [mm]")
+        ax.set_ylabel(ylabel)
+        med = float(np.median(fin_a)) if len(fin_a) else float("nan")
+        ax.set_title(f"{name} (median {med:.2f} mm)")
+        ax.legend(loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
