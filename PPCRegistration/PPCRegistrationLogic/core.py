@@ -717,8 +717,10 @@ class PPCRegistrationCoreLogic:
 
     def step(self):
         """One update; writes the outputs; returns the library's IterationState."""
-        state = self._requireRegistration().step()
+        reg = self._requireRegistration()
+        state = reg.step()
         self.updateOutputs(state)
+        setTransformMatrix(self.transformNode, reg.T)  # the library's estimate (reverted on divergence)
         return state
 
     def run(self, callback: Callable[[Any], None] | None = None, shouldStop: Callable[[], bool] | None = None):
@@ -734,7 +736,9 @@ class PPCRegistrationCoreLogic:
         def stop() -> bool:
             return self._stopRequested or bool(shouldStop and shouldStop())
 
-        return reg.run(callback=onState, should_stop=stop)
+        result = reg.run(callback=onState, should_stop=stop)
+        setTransformMatrix(self.transformNode, reg.T)  # the library's final estimate (reverted on divergence)
+        return result
 
     def stop(self) -> None:
         """Ask a running :meth:`run` to stop after the current update."""
