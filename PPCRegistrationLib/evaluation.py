@@ -1,0 +1,283 @@
+"""The evaluation protocol of DESIGN.md §4 (Table 1 and Fig. 2 of the paper, plus the iterated registration).
+
+:func:`evaluate` simulates ``n_cases`` reproducible cases of one CT (case ``i`` uses the seed ``seed + i``:
+a random C-arm view, an X-ray simulated at the ground truth with appearance variation, a random initial
+estimate with an initial mTRE uniform in ``mtre_range``) and runs every method on *the same* cases.  For each
+case and method it records the initial mTRE, the mTRE and mRPD after ONE update, the final mTRE and mRPD after
+the iterative registration, the number of iterations, the wall time and the final status.
+
+:func:`write_report` writes what ``ppcreg evaluate`` produces: ``cases.json``, ``cases.csv``,
+``summary.json``, ``summary.md`` and the scatter plots ``scatter_one_update.png`` / ``scatter_final.png``.
+
+The mTRE targets are the surface points of the region of interest (the same point set for "before" and
+"after", DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .drr import DRRRenderer
+from .errors import InputError
+from .features import SurfacePoints, extract_surface_points
+from .metrics import mrpd, mtre, summarize
+from .registration import Matcher, Registration, RegistrationConfig
+from .simulation import ViewSampler, XRayVariation, make_case
+from .volume import Volume
+
+__all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS"]
+
+#: methods that need no extra model (learned methods are passed in through ``matchers``)
+AVAILABLE_METHODS = ("classic",)
+
+#: keys every per-method summary has (from :func:`metrics.summarize`), for "one_update" and "final"
+SUMMARY_KEYS = ("mtre_p50", "mtre_p75", "mtre_p95", "mtre_mean", "mtre_sd", "reduction_factor_mean",
+                "success_2mm", "success_5mm", "mrpd_mean", "seconds_per_case")
+
+_CSV_FIELDS = ("case", "seed", "method", "initial_mtre_mm", "mtre_one_update_mm", "mrpd_one_update_mm",
+               "mtre_final_mm", "mrpd_final_mm", "iterations", "seconds", "seconds_one_update", "status",
+               "primary_deg", "secondary_deg")
+
+
+def _finite(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN / infinities -> None so that the JSON files stay standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: int = 100, seed: int = 0,
+             mtre_range: tuple[float, float] = (0.0, 20.0), iterations: int = 30, *, detector_px: int = 256,
+             tolerance_mm: float = 0.05, device: str = "cpu", variation: XRayVariation | None = None,
+             views: ViewSampler | None = None, matchers: Mapping[str, Matcher] | None = None,
+             config: RegistrationConfig | None = None, renderer: DRRRenderer | None = None,
+             surface: SurfacePoints | None = None, progress: bool = True,
+             on_case: Callable[[dict], None] | None = None) -> dict:
+    """Run the evaluation protocol (DESIGN.md §4) on one CT.
+
+    Args:
+        ct: the CT (HU).
+        roi: region of interest (``BoxROI`` / ``LabelROI``) or None (whole CT); its surface points are the
+            mTRE targets and the registration features.
+        methods: method names, evaluated on the same cases; ``"classic"`` or a key of ``matchers``.
+        n_cases: number of simulated cases (seeds ``seed`` .. ``seed + n_cases - 1``).
+        seed: seed of the first case.
+        mtre_range: ``(lo, hi)`` mm, initial mTRE drawn uniformly in it.
+        iterations: maximum number of updates of the iterative registration.
+        detector_px: detector size (pixels, square) of the simulated C-arm (ignored when ``views`` is given).
+        tolerance_mm: convergence tolerance of the registration (mm).
+        device: "cpu", "cuda" or "auto".
+        variation: appearance variation of the simulated X-rays (default :class:`XRayVariation`).
+        views: the random C-arm views (default ``ViewSampler(detector_size_px=detector_px)``).
+        matchers: method name -> 2D matching step (e.g. a learned operator); "classic" needs none.
+        config: base registration settings (``max_iterations``, ``tolerance_mm``, ``device`` are overridden).
+        renderer, surface: precomputed DRR renderer / surface points of this CT and ROI.
+        progress: show a tqdm progress bar over the cases (on stderr).
+        on_case: called with each case's record when it is done.
+    Returns:
+        ``{"config": {...}, "cases": [per-case records], "summary": {...}}``; the summary has ``"initial"``
+        (statistics of the initial mTRE) and ``"methods"``: for each method ``"one_update"`` and ``"final"``
+        (the dicts of :func:`metrics.summarize`: ``mtre_p50`` ... ``seconds_per_case``) and
+        ``"status_counts"``.
+    Raises:
+        InputError: bad parameters or an unknown method.
+    """
+    methods = list(dict.fromkeys(methods))
+    matchers = dict(matchers or {})
+    if not methods:
+        raise InputError("give at least one method to evaluate")
+    for m in methods:
+        if m not in AVAILABLE_METHODS and m not in matchers:
+            raise InputError(f"unknown method {m!r}; available: {', '.join(list(AVAILABLE_METHODS) + list(matchers))}")
+    if n_cases < 1:
+        raise InputError(f"the number of cases must be at least 1, got {n_cases}")
+    if iterations < 1:
+        raise InputError(f"the number of iterations must be at least 1, got {iterations}")
+    lo, hi = float(mtre_range[0]), float(mtre_range[1])
+    if not (0 <= lo <= hi) or not math.isfinite(hi):
+        raise InputError(f"the initial mTRE range must satisfy 0 <= lo <= hi (mm), got {lo} {hi}")
+    base = config or RegistrationConfig()
+    cfg = RegistrationConfig(**{**base.to_dict(), "max_iterations": int(iterations),
+                                "tolerance_mm": float(tolerance_mm), "device": device})
+    dev = cfg.resolved_device()
+    views = views or ViewSampler(detector_size_px=int(detector_px))
+    if surface is None:
+        surface = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points,
+                                         seed=cfg.seed)
+    if len(surface) < 6:
+        raise InputError(f"only {len(surface)} surface points in the region of interest: enlarge the region")
+    renderer = renderer or DRRRenderer(ct, device=dev)
+    targets = surface.points.detach().cpu().to(torch.float64)
+
+    from tqdm.auto import tqdm
+
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    bar = tqdm(range(n_cases), desc="evaluate", unit="case", disable=not progress, leave=False)
+    for i in bar:
+        case_seed = int(seed) + i
+        case = make_case(renderer, targets, case_seed, (lo, hi), views, variation)
+        rec: dict[str, Any] = {"case": i, "seed": case_seed, "initial_mtre_mm": case.initial_mtre_mm,
+                               "view": case.view, "methods": {}}
+        for m in methods:
+            rec["methods"][m] = _run_method(ct, case, roi, cfg, matchers.get(m), surface, renderer)
+        records.append(rec)
+        if progress:
+            bar.set_postfix({m: f"{rec['methods'][m]['mtre_final_mm']:.2f}mm" for m in methods[:2]})
+        if on_case is not None:
+            on_case(rec)
+    bar.close()
+
+    initial = [r["initial_mtre_mm"] for r in records]
+    summary: dict[str, Any] = {"n_cases": n_cases, "initial": summarize(initial, initial), "methods": {}}
+    for m in methods:
+        rows = [r["methods"][m] for r in records]
+        one = summarize(initial, [r["mtre_one_update_mm"] for r in rows],
+                        mrpd_final=[r["mrpd_one_update_mm"] for r in rows],
+                        seconds=[r["seconds_one_update"] for r in rows], iterations=[1 for _ in rows])
+        fin = summarize(initial, [r["mtre_final_mm"] for r in rows], mrpd_final=[r["mrpd_final_mm"] for r in rows],
+                        seconds=[r["seconds"] for r in rows], iterations=[r["iterations"] for r in rows])
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        summary["methods"][m] = {"one_update": one, "final": fin, "status_counts": counts}
+    return {
+        "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
+                   "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
+                   "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
+                   "roi": repr(roi) if roi is not None else "whole CT",
+                   "seconds_total": time.perf_counter() - t_start},
+        "cases": records,
+        "summary": summary,
+    }
+
+
+def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, matcher, surface: SurfacePoints,
+                renderer: DRRRenderer) -> dict:
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt, matcher=matcher,
+                       surface=surface, renderer=renderer)
+    res = reg.run()
+    targets = case.targets.to(torch.float64)
+    T_gt = case.T_gt.to(torch.float64)
+    proj = case.projection.to("cpu", torch.float64)
+    T_one = res.history[0].T.to(torch.float64) if res.history else case.T_init.to(torch.float64)
+    T_fin = res.T.to(torch.float64)
+    return {
+        "mtre_one_update_mm": float(mtre(T_one, T_gt, targets)),
+        "mrpd_one_update_mm": float(mrpd(T_one[None], T_gt[None], targets, proj)[0]),
+        "mtre_final_mm": float(mtre(T_fin, T_gt, targets)),
+        "mrpd_final_mm": float(mrpd(T_fin[None], T_gt[None], targets, proj)[0]),
+        "iterations": int(res.iterations),
+        "seconds": float(res.seconds),
+        "seconds_one_update": float(res.history[0].seconds) if res.history else 0.0,
+        "status": res.status,
+        "message": res.message,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _pm(mean: float, sd: float, digits: int = 2) -> str:
+    return f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}"
+
+
+def summary_markdown(result: Mapping) -> str:
+    """Markdown tables of an :func:`evaluate` result: one update (like Table 1 of the paper) and iterated."""
+    cfg, summ = result["config"], result["summary"]
+    ini = summ["initial"]
+    lines = [
+        "# PPC registration evaluation",
+        "",
+        f"{cfg['n_cases']} simulated cases (seeds {cfg['seed']}..{cfg['seed'] + cfg['n_cases'] - 1}), initial mTRE "
+        f"uniform in [{cfg['mtre_range'][0]:g}, {cfg['mtre_range'][1]:g}] mm, {cfg['detector_px']} px detector, "
+        f"ROI {cfg['roi']} ({cfg['n_targets']} target points), device {cfg['device']}.",
+        "",
+        "## After one update (as Table 1 of the paper)",
+        "",
+        "| model | mTRE p50 | p75 | p95 | mTRE mean ± sd [mm] | reduction factor | mRPD mean [mm] |",
+        "|---|---|---|---|---|---|---|",
+        f"| initial | {_fmt(ini['mtre_p50'])} | {_fmt(ini['mtre_p75'])} | {_fmt(ini['mtre_p95'])} | "
+        f"{_pm(ini['mtre_mean'], ini['mtre_sd'])} | | |",
+    ]
+    for m, s in summ["methods"].items():
+        o = s["one_update"]
+        lines.append(f"| {m} | {_fmt(o['mtre_p50'])} | {_fmt(o['mtre_p75'])} | {_fmt(o['mtre_p95'])} | "
+                     f"{_pm(o['mtre_mean'], o['mtre_sd'])} | "
+                     f"{_pm(o['reduction_factor_mean'], o.get('reduction_factor_sd', math.nan))} | "
+                     f"{_fmt(o['mrpd_mean'])} |")
+    lines += [
+        "",
+        f"## Iterated registration (at most {cfg['iterations']} updates, tolerance {cfg['tolerance_mm']:g} mm)",
+        "",
+        "| model | mTRE p50 | p75 | p95 | mTRE mean ± sd [mm] | reduction factor | success < 2 mm | "
+        "success < 5 mm | mRPD mean [mm] | iterations | s / case | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, s in summ["methods"].items():
+        f = s["final"]
+        status = ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items()))
+        lines.append(f"| {m} | {_fmt(f['mtre_p50'])} | {_fmt(f['mtre_p75'])} | {_fmt(f['mtre_p95'])} | "
+                     f"{_pm(f['mtre_mean'], f['mtre_sd'])} | "
+                     f"{_pm(f['reduction_factor_mean'], f.get('reduction_factor_sd', math.nan))} | "
+                     f"{_fmt(100 * f['success_2mm'], 0)} % | {_fmt(100 * f['success_5mm'], 0)} % | "
+                     f"{_fmt(f['mrpd_mean'])} | {_fmt(f.get('iterations_mean', math.nan), 1)} | "
+                     f"{_fmt(f['seconds_per_case'], 3)} | {status} |")
+    lines += ["", "Reduction factor of a case = 1 − mTRE_after / mTRE_before when the error decreased, 0 when it grew. "
+              "Seconds per case: median wall time.", ""]
+    return "\n".join(lines)
+
+
+def write_report(result: Mapping, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``cases.json``, ``cases.csv``, ``summary.json``, ``summary.md``, ``scatter_one_update.png`` and
+    ``scatter_final.png`` of an :func:`evaluate` result into ``out_dir``; returns the paths by name."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("cases.json", "cases.csv", "summary.json", "summary.md",
+                                           "scatter_one_update.png", "scatter_final.png")}
+    paths["cases.json"].write_text(json.dumps(_json_safe({"config": result["config"], "cases": result["cases"]}),
+                                              indent=1) + "\n", encoding="utf-8")
+    with open(paths["cases.csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+        w.writeheader()
+        for rec in result["cases"]:
+            for m, r in rec["methods"].items():
+                w.writerow({"case": rec["case"], "seed": rec["seed"], "method": m,
+                            "initial_mtre_mm": rec["initial_mtre_mm"],
+                            "primary_deg": rec["view"].get("primary_deg"),
+                            "secondary_deg": rec["view"].get("secondary_deg"),
+                            **{k: r[k] for k in _CSV_FIELDS if k in r}})
+    paths["summary.json"].write_text(json.dumps(_json_safe({"config": result["config"], **result["summary"]}),
+                                                indent=2) + "\n", encoding="utf-8")
+    paths["summary.md"].write_text(summary_markdown(result), encoding="utf-8")
+
+    from .viz import scatter_plot
+
+    initial = [rec["initial_mtre_mm"] for rec in result["cases"]]
+    methods = list(result["summary"]["methods"])
+    scatter_plot(paths["scatter_one_update.png"],
+                 {m: (initial, [rec["methods"][m]["mtre_one_update_mm"] for rec in result["cases"]])
+                  for m in methods}, ylabel="mTRE after one update [mm]", title="initial vs one update")
+    scatter_plot(paths["scatter_final.png"],
+                 {m: (initial, [rec["methods"][m]["mtre_final_mm"] for rec in result["cases"]]) for m in methods},
+                 ylabel="final mTRE [mm]", title=f"initial vs final (at most {result['config']['iterations']} updates)")
+    return paths
