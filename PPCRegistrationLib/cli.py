@@ -448,7 +448,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) ->
 
 def _cmd_bench(args) -> int:
     torch = _torch()
-    from .drr import DRRRenderer, image_gradient, render_reference
+    from .drr import DRRRenderer, image_gradient
     from .features import contour_mask, project_normals
     from .geometry import transform_points
     from .matching import match_along_normals
@@ -465,28 +465,25 @@ def _cmd_bench(args) -> int:
     renderer = DRRRenderer(ct, device=dev)
     surface = _surface(ct, roi)
     targets = surface.points.detach().cpu().to(torch.float64)
-    centre = targets.mean(0)
     reps = args.repeats
     _say(f"ppcreg bench: CT {desc['ct']} {tuple(ct.shape)[::-1]} voxels (I,J,K), device {dev}, "
          f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {reps} runs")
     _say("")
-    _say("DRR rendering (one image)")
-    _say(f"{'detector':>10} {'DRRRenderer [ms]':>17} {'reference [ms]':>15} {'speed-up':>9} {'rel. diff':>10}")
-    gen = torch.Generator().manual_seed(0)
-    ct_dev = ct.to(dev)
-    for size in args.sizes:
-        proj, _ = ViewSampler(detector_size_px=size).sample(centre, gen)
-        proj = proj.to(dev)
-        T = torch.eye(4, dtype=torch.float64, device=dev)[None]
-        fast_ms = _median_ms(lambda: renderer.render(proj, T), reps, sync)
-        ref_ms = _median_ms(lambda: render_reference(ct_dev, proj, T), reps, sync)
-        a = renderer.render(proj, T).float()
-        b = render_reference(ct_dev, proj, T).float()
-        rel = float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
-        _say(f"{size:>6}x{size:<3} {fast_ms:>17.1f} {ref_ms:>15.1f} {ref_ms / max(fast_ms, 1e-9):>8.1f}x "
-             f"{100 * rel:>9.2f}%")
+    from .bench import bench_drr
 
-    # one classic update step at 256x256 (the stages of Registration.step, timed one by one)
+    drr = bench_drr(ct, sizes=args.sizes, repeats=reps, device=dev, reference_repeats=args.reference_repeats)
+    _say(f"DRR rendering, one image (bench.bench_drr; renderer set-up {1000 * drr['setup_s']:.0f} ms; reference: "
+         f"median of {args.reference_repeats})")
+    _say(f"{'detector':>10} {'view':>8} {'DRRRenderer [ms]':>17} {'first call [ms]':>16} {'reference [ms]':>15} "
+         f"{'speed-up':>9} {'rel. diff p50/p95':>18}")
+    for r in drr["rows"]:
+        ref = r.get("reference_s")
+        _say(f"{r['size']:>6}x{r['size']:<3} {r['view']:>8} {1000 * r['render_s']:>17.1f} "
+             f"{1000 * r['render_first_s']:>16.1f} "
+             + (f"{1000 * ref:>15.1f} {r['speedup']:>8.1f}x {100 * r['rel_diff_median']:>8.2f}%/"
+                f"{100 * r['rel_diff_p95']:.2f}%" if ref is not None else f"{'-':>15}"))
+
+    # one classic update step at --step-px (default 256): the stages of Registration.step, timed one by one
     n = args.step_px
     case = make_case(renderer, targets, 0, (5.0, 10.0), ViewSampler(detector_size_px=n))
     reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, surface=surface, renderer=renderer)
@@ -645,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-px", type=_positive_int("--step-px"), default=256,
                    help="detector size of the update-step breakdown (default 256)")
     p.add_argument("--repeats", type=_positive_int("--repeats"), default=5, help="runs per timing (default 5)")
+    p.add_argument("--reference-repeats", type=_positive_int("--reference-repeats"), default=1,
+                   help="runs of the slow reference renderer per size and view (default 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
     p.set_defaults(func=_cmd_bench)
     return parser
