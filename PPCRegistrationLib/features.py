@@ -70,15 +70,17 @@ def farthest_point_sampling(points: torch.Tensor, k: int, seed: int = 0) -> torc
         return torch.arange(n, device=points.device)
     gen = torch.Generator().manual_seed(int(seed))
     first = int(torch.randint(n, (1,), generator=gen))
-    x = points.to(torch.float32)
-    chosen = torch.empty(k, dtype=torch.long, device=points.device)
+    # a sequential loop of tiny vector operations: numpy has no per-call threading overhead (torch's small ops
+    # cost milliseconds each on a loaded multi-threaded CPU)
+    x = points.detach().cpu().to(torch.float64).numpy()
+    chosen = np.empty(k, dtype=np.int64)
     chosen[0] = first
     dist = ((x - x[first]) ** 2).sum(-1)
     for m in range(1, k):
-        nxt = int(torch.argmax(dist))
+        nxt = int(np.argmax(dist))
         chosen[m] = nxt
-        dist = torch.minimum(dist, ((x - x[nxt]) ** 2).sum(-1))
-    return chosen
+        np.minimum(dist, ((x - x[nxt]) ** 2).sum(-1), out=dist)
+    return torch.from_numpy(chosen).to(points.device)
 
 
 def _voxel_grid_reduce(points: torch.Tensor, target: int, seed: int) -> torch.Tensor:

@@ -126,6 +126,7 @@ def _write_json(path: str | Path, obj: dict) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; results are meant to be shared
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -43,13 +43,18 @@ class RegistrationConfig:
         the size of the observed displacements, between ``min_search_px`` and ``search_px``.
     gradient_sigma_px: Gaussian smoothing of the image gradients at the finest level (pixels).
     robust_iterations: iteratively re-weighted PPC solves (Tukey on point-to-plane residuals).
+    ransac_hypotheses, ransac_sample, ransac_threshold_px: consensus step before the re-weighted solve: that
+        many minimal sets of that many correspondences; inliers within that many detector pixels (0 = off).
     damping_initial, damping_min, damping_decay: Levenberg-Marquardt style damping of the PPC solve (relative
         to the mean eigenvalue of the scaled normal matrix).  The depth translation and out-of-plane rotations
         are weakly observable in a single view, so early, noisy correspondences are damped; an update that
         lowers the image similarity is rejected and re-solved with ten times the damping; accepted updates
         decrease it by ``damping_decay`` down to ``damping_min``.
     max_update_mm: an update moving the targets by more than this is treated as divergence.
-    patience: stop as diverged when the similarity has stayed below the best for this many iterations.
+    max_drift_mm: an estimate whose targets are further than this from where ``T_init`` puts them is treated as
+        divergence (the initial estimate is assumed to be within this capture range).
+    patience: stop as diverged when the similarity has stayed below the best for this many iterations
+        (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
     window_margin_px: margin around the projected region of interest rendered for matching.
     device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
     """
@@ -62,7 +67,7 @@ class RegistrationConfig:
     contour_theta_deg: float = 6.0
     search_px: float = 24.0
     min_search_px: float = 4.0
-    gradient_sigma_px: float = 1.0
+    gradient_sigma_px: float = 2.0
     robust_iterations: int = 2
     damping_initial: float = 0.05
     damping_min: float = 1e-5
@@ -70,8 +75,12 @@ class RegistrationConfig:
     reject_worse: bool = False
     damping_offset_px: float = 2.0
     out_of_plane_damping: float = 10.0
-    max_update_mm: float = 60.0
-    patience: int = 12
+    ransac_hypotheses: int = 256
+    ransac_sample: int = 12
+    ransac_threshold_px: float = 1.5
+    max_update_mm: float = 30.0
+    max_drift_mm: float = 75.0
+    patience: int = 0
     window_margin_px: int = 24
     device: str = "cpu"
     seed: int = 0
@@ -425,6 +434,11 @@ class Registration:
                           "reverted to the best estimate", self.T, **kw)
         system["state_kw"] = dict(kw)
         self._last = system
+        drift = float(mtre_fn(T_new, self.T_init, self.targets))
+        if drift > cfg.max_drift_mm:
+            self.T = self.best_T.clone()
+            return finish("diverged", f"the estimate moved {drift:.1f} mm away from the initial transform (limit "
+                          f"{cfg.max_drift_mm} mm): reverted to the best estimate", self.T, **kw)
         # adapt the search range to the displacements actually seen
         disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[final_w > 0]
         if disp.numel():
@@ -433,16 +447,52 @@ class Registration:
         self.T = T_new
         if upd_mm < cfg.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
-        if self.since_best >= cfg.patience:
+        if cfg.patience > 0 and self.since_best >= cfg.patience:
             self.T = self.best_T.clone()
             return finish("diverged", f"no improvement of the image similarity for {cfg.patience} updates: "
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)
 
-    def _solve(self, system: dict, damping: float):
-        """Robust (IRLS, Tukey) damped PPC solve of one update's correspondences."""
+    def _consensus(self, system: dict, damping: float) -> torch.Tensor:
+        """RANSAC over the correspondences: ``(1, N)`` 0/1 inlier mask of the best-supported motion.
+
+        Minimal sets (``ransac_sample`` points, drawn in proportion to the match weights) are solved in one
+        batched PPC call; a correspondence supports a motion when its point-to-plane residual is below
+        ``ransac_threshold_px`` detector pixels, converted to mm at the points' depth.
+        """
+        cfg = self.config
+        weights = system["weights"][0]
+        n = weights.shape[0]
+        k, m = cfg.ransac_hypotheses, cfg.ransac_sample
+        if k <= 0 or n < 2 * m:
+            return (weights > 0).to(weights.dtype)[None]
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.iteration)
+        prob = (weights.cpu() + 1e-12)
+        idx = torch.multinomial(prob.expand(k, n), m, replacement=False, generator=gen).to(weights.device)
         src = self.projection.source
-        weights = system["weights"]
+        centre = (weights[:, None] * system["w"][0]).sum(0) / weights.sum().clamp_min(1e-12)
+        sol = solve_ppc(system["w"][0][idx], system["g"][0][idx], src.expand(k, 3), system["rays"][0][idx],
+                        weights[idx], regularization=damping, centre=centre[None].expand(k, 3),
+                        damping=None if system.get("damping_matrix") is None
+                        else system["damping_matrix"].expand(k, 6, 6))
+        from .ppc import ppc_system
+
+        a, b = ppc_system(system["w"], system["g"], src, system["rays"], centre[None])
+        res = (a[0] @ sol.dv.T).T - b  # (K, N) mm
+        depth = self.projection.depth(system["w"])[0]
+        px_mm = depth * self.projection.pixel_spacing[0, 0] / self.projection.sdd[0]  # mm per pixel at the point
+        inl = (res.abs() < cfg.ransac_threshold_px * px_mm[None]) & (weights[None] > 0)
+        score = (inl.to(weights.dtype) * weights[None]).sum(-1)
+        score = torch.where(sol.rank_deficient, torch.zeros_like(score), score)
+        best = int(score.argmax())
+        return inl[best].to(weights.dtype)[None]
+
+    def _solve(self, system: dict, damping: float):
+        """Robust (RANSAC consensus, then IRLS with Tukey) damped PPC solve of one update's correspondences."""
+        src = self.projection.source
+        weights = system["weights"] * self._consensus(system, damping)
+        if int((weights > 0).sum()) < 6:
+            weights = system["weights"]
         wts = weights
         sol = None
         for r in range(self.config.robust_iterations + 1):

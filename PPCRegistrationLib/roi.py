@@ -19,35 +19,10 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .sample_data import vertebra_label_id
 from .volume import Volume
 
-__all__ = ["ROI", "BoxROI", "LabelROI", "roi_from_vertebra", "dilate_mask", "VERTEBRA_LABEL_IDS"]
-
-# TotalSegmentator v2 label ids of the vertebrae (used only when sample_data does not provide them).
-VERTEBRA_LABEL_IDS: dict[str, int] = {"sacrum": 25, "S1": 26}
-VERTEBRA_LABEL_IDS.update({f"L{n}": 32 - n for n in range(1, 6)})        # L5 27 ... L1 31
-VERTEBRA_LABEL_IDS.update({f"T{n}": 44 - n for n in range(1, 13)})       # T12 32 ... T1 43
-VERTEBRA_LABEL_IDS.update({f"C{n}": 51 - n for n in range(1, 8)})        # C7 44 ... C1 50
-
-
-def _vertebra_label_id(name: str) -> int:
-    """TotalSegmentator v2 id of a vertebra name ("L3", "vertebrae_L3", "t12", "sacrum")."""
-    try:  # the shared table, when the sample-data module provides it
-        from . import sample_data  # type: ignore[attr-defined]
-
-        fn = getattr(sample_data, "vertebra_label_id", None)
-        if fn is not None:
-            return int(fn(name))
-    except ImportError:
-        pass
-    key = name.strip()
-    if key.lower().startswith("vertebrae_"):
-        key = key[len("vertebrae_"):]
-    key = "sacrum" if key.lower() == "sacrum" else key.upper()
-    if key not in VERTEBRA_LABEL_IDS:
-        raise InputError(f"unknown vertebra {name!r}: use one of C1..C7, T1..T12, L1..L5, S1 or sacrum")
-    return VERTEBRA_LABEL_IDS[key]
-
+__all__ = ["ROI", "BoxROI", "LabelROI", "roi_from_vertebra", "dilate_mask"]
 
 def _as_f64(x, shape: tuple[int, ...], what: str) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
@@ -249,7 +224,7 @@ def roi_from_vertebra(labels: Volume, name: str) -> LabelROI:
     Raises:
         InputError: unknown name, or the vertebra is absent from the label map.
     """
-    lid = _vertebra_label_id(name)
+    lid = vertebra_label_id(name)
     try:
         return LabelROI(labels, [lid])
     except InputError as exc:

@@ -132,7 +132,7 @@ def phantom(request):
 @pytest.mark.parametrize("device", DEVICES)
 def test_render_matches_analytic_chords(phantom, device):
     kind, vol, centre = phantom
-    renderer = drr.DRRRenderer(vol, device=device)
+    renderer = drr.DRRRenderer(vol, device=device, bone_boost=1.0)  # analytic: linear in HU
     iso = vol.center_world()
     for prim, sec, twist in _VIEWS:
         proj, T = _proj(prim, sec, iso), _view_T(twist)
@@ -156,7 +156,7 @@ def test_reference_matches_analytic_chords(phantom):
     iso = vol.center_world()
     for prim, sec, twist in _VIEWS[::2] + [_VIEWS[3]]:
         proj, T = _proj(prim, sec, iso, size=48, width_mm=160.0), _view_T(twist)
-        img = drr.render_reference(vol, proj, T, step_mm=0.5).double()
+        img = drr.render_reference(vol, proj, T, step_mm=0.5, bone_boost=1.0).double()
         chord = _chords(kind, centre, proj, T)
         inside = chord > 0.5 * chord.max()
         rel = ((img - MU * chord).abs() / (MU * chord))[inside]
@@ -323,7 +323,7 @@ def test_image_gradient_smooths_and_rejects_bad_input():
 def test_wide_field_and_detector_inside_volume():
     kind = "ellipsoid"
     vol, centre = _phantom_volume(kind)
-    renderer = drr.DRRRenderer(vol)
+    renderer = drr.DRRRenderer(vol, bone_boost=1.0)  # analytic: linear in HU
     iso = vol.center_world()
     eye = torch.eye(4, dtype=torch.float64)[None]
     # a field of view so wide (150 degrees across) that no family of voxel planes suits every ray: the
@@ -340,9 +340,10 @@ def test_wide_field_and_detector_inside_volume():
     # the detector cuts through the phantom: rays end at the detector pixel, in both renderers
     cut = Projection.from_carm(carm_pose(20.0, 10.0, 800.0, iso), 810.0, 48, 48, 100.0 / 48)
     fast = renderer.render(cut, eye)
-    ref = drr.render_reference(vol, cut, eye, step_mm=0.5)
+    ref = drr.render_reference(vol, cut, eye, step_mm=0.5, bone_boost=1.0)
     full = drr.render_reference(vol, Projection.from_carm(carm_pose(20.0, 10.0, 800.0, iso), 1200.0, 48, 48,
-                                                           100.0 / 48 * 1200.0 / 810.0), eye, step_mm=0.5)
+                                                           100.0 / 48 * 1200.0 / 810.0), eye, step_mm=0.5,
+                                bone_boost=1.0)
     body = ref > 0.1 * ref.max()
     assert float(((fast - ref).abs() / ref)[body].median()) < 0.01
     assert float(ref.sum()) < 0.9 * float(full.sum()), "the part beyond the detector must not be integrated"
