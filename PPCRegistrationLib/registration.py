@@ -42,17 +42,21 @@ class RegistrationConfig:
     search_px: initial half-length of the search along the 2D normal (detector pixels); it then adapts to
         the size of the observed displacements, between ``min_search_px`` and ``search_px``.
     gradient_sigma_px: Gaussian smoothing of the image gradients at the finest level (pixels).
+    xray_blur_px: Gaussian blur (pixels, the imaging chain's point-spread function) applied to the DRR in
+        addition, so that DRR and X-ray edges have the same profile.
     robust_iterations: iteratively re-weighted PPC solves (Tukey on point-to-plane residuals).
     ransac_hypotheses, ransac_sample, ransac_threshold_px: consensus step before the re-weighted solve: that
         many minimal sets of that many correspondences; inliers within that many detector pixels (0 = off).
-    damping_initial, damping_min, damping_decay: Levenberg-Marquardt style damping of the PPC solve (relative
-        to the mean eigenvalue of the scaled normal matrix).  The depth translation and out-of-plane rotations
-        are weakly observable in a single view, so early, noisy correspondences are damped; an update that
-        lowers the image similarity is rejected and re-solved with ten times the damping; accepted updates
-        decrease it by ``damping_decay`` down to ``damping_min``.
-    max_update_mm: an update moving the targets by more than this is treated as divergence.
-    max_drift_mm: an estimate whose targets are further than this from where ``T_init`` puts them is treated as
-        divergence (the initial estimate is assumed to be within this capture range).
+    damping_initial, damping_min, damping_offset_px: damping of the PPC solve (relative to the mean eigenvalue
+        of the scaled normal matrix): ``damping_initial * min(1, (median displacement / damping_offset_px)^2)``,
+        at least ``damping_min``.  Far from the solution the displacements are large and unreliable and the
+        update is damped; near it the damping vanishes.
+    out_of_plane_damping: extra damping of the weakly observable directions of a single view (translation along
+        the beam, rotations about the detector axes), scaled by the fourth power of the same ratio: they are
+        held while the in-plane alignment is coarse and released near the solution.
+    reject_worse, reject_margin: Levenberg-Marquardt acceptance: when the contour matches at the new estimate
+        are worse (mean match score lower by more than the margin), the update is undone and the previous
+        correspondences are re-solved with ten times the damping.
     patience: stop as diverged when the similarity has stayed below the best for this many iterations
         (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
     window_margin_px: margin around the projected region of interest rendered for matching.
@@ -68,11 +72,12 @@ class RegistrationConfig:
     search_px: float = 24.0
     min_search_px: float = 4.0
     gradient_sigma_px: float = 2.0
+    xray_blur_px: float = 0.0
     robust_iterations: int = 2
     damping_initial: float = 0.05
     damping_min: float = 1e-5
-    damping_decay: float = 0.5
     reject_worse: bool = False
+    reject_margin: float = 0.05
     damping_offset_px: float = 2.0
     out_of_plane_damping: float = 10.0
     ransac_hypotheses: int = 256
@@ -329,38 +334,20 @@ class Registration:
         sub = crop_projection(proj, u0, v0, ww, wh)
         sigma = max(cfg.gradient_sigma_px, min(3.0, self.search_px / 8))
         drr = self.renderer.render(sub, T[None])  # (1, wh, ww)
-        drr_grad = image_gradient(drr, sigma_px=sigma)
+        # the DRR is a perfect projection: blur it like the imaging chain blurs the X-ray (detector PSF), so that
+        # both gradient images have the same edge profiles (a mismatch biases the matched edge positions)
+        drr_sigma = math.sqrt(sigma ** 2 + cfg.xray_blur_px ** 2)
+        drr_grad = image_gradient(drr, sigma_px=drr_sigma)
         xg_full = self._xray_gradient(sigma)
         xray_grad = xg_full[:, :, v0:v0 + wh, u0:u0 + ww]
         xray_win = self.xray[None, v0:v0 + wh, u0:u0 + ww]
         # the similarity is always measured at the same smoothing, so that iterations are comparable
         sim_sigma = 1.5
         similarity = gradient_similarity(
-            drr_grad if abs(sigma - sim_sigma) < 1e-6 else image_gradient(drr, sigma_px=sim_sigma),
+            image_gradient(drr, sigma_px=math.sqrt(sim_sigma ** 2 + cfg.xray_blur_px ** 2)),
             self._xray_gradient(sim_sigma)[:, :, v0:v0 + wh, u0:u0 + ww])
         drr_full = torch.zeros(proj.height, proj.width)
         drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
-
-        # Levenberg-Marquardt acceptance: an update that lowered the similarity is undone and re-solved from the
-        # previous estimate with more damping (no new rendering or matching needed)
-        last = self._last
-        if cfg.reject_worse and last is not None and similarity < last["similarity"] - 1e-4 \
-                and self.damping < 1e3:
-            self.damping *= 10
-            sol = self._solve(last, self.damping)
-            T_new = centred_update(sol.dv, sol.centre, last["T"][None])[0]
-            upd_mm = float(mtre_fn(T_new, last["T"], self.targets))
-            self.T = T_new
-            kw = dict(last["state_kw"], drr=drr_full, similarity=similarity, update_mm=upd_mm,
-                      update_deg=float(rotation_angle_deg(T_new @ invert_rigid(last["T"]))))
-            if upd_mm < cfg.tolerance_mm:
-                self.T = last["T"]
-                self._last = None
-                return finish("converged", "no update improves the image similarity any more", self.T, **kw)
-            return finish("running", f"update rejected (similarity fell to {similarity:.4f}); damping "
-                          f"raised to {self.damping:.2g}", T_new, **kw)
-        if last is not None:
-            self.damping = max(cfg.damping_min, self.damping * cfg.damping_decay)
 
         # best-estimate bookkeeping uses the similarity of the estimate we just rendered
         if similarity > self.best_similarity + 1e-4:
@@ -399,19 +386,39 @@ class Registration:
             return finish("rank_deficient", f"only {int(valid.sum())} of {n_contour} contour points found a "
                           "match: kept the best estimate", self.T, update_mm=0.0, update_deg=0.0,
                           mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
+        # quality of the alignment of the region's contours: mean match score over the contour points
+        quality = float(weights.sum()) / max(n_contour, 1)
+        last = self._last
+        if cfg.reject_worse and last is not None and quality < last["quality"] * (1 - cfg.reject_margin) \
+                and last["boost"] < 1e3:
+            # Levenberg-Marquardt acceptance: the last update made the contours match worse; undo it and
+            # re-solve the previous correspondences with ten times the damping (no rendering or matching)
+            last["boost"] *= 10
+            sol = self._solve(last, last["damping"] * last["boost"])
+            T_new = centred_update(sol.dv, sol.centre, last["T"][None])[0]
+            upd_mm = float(mtre_fn(T_new, last["T"], self.targets))
+            self.T = T_new
+            kw2 = dict(last["state_kw"], drr=drr_full, similarity=similarity, update_mm=upd_mm,
+                       update_deg=float(rotation_angle_deg(T_new @ invert_rigid(last["T"]))))
+            if upd_mm < cfg.tolerance_mm:
+                self.T = last["T"]
+                self._last = None
+                return finish("converged", "no update improves the contour matches any more", self.T, **kw2)
+            return finish("running", f"update rejected (match quality fell from {last['quality']:.3f} to "
+                          f"{quality:.3f}); damping x{last['boost']:.0f}", T_new, **kw2)
         system = {"w": w_c[None], "g": g_c[None], "rays": rays, "weights": weights, "T": T,
-                  "similarity": similarity}
-        if not cfg.reject_worse:
-            # damping from the size of the observed 2D displacements: large, unreliable displacements far from
-            # the solution are damped; small ones near it let the weak (depth) directions be resolved
-            disp_all = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
-            med = float(disp_all.median()) if disp_all.numel() else cfg.search_px
-            self.damping = float(max(cfg.damping_min,
-                                     cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
-            # the weakly observable directions of a single view (depth translation, rotations about the
-            # detector axes) are frozen while the 2D displacements are large and released near the solution
-            oop = float(max(cfg.damping_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
-            system["damping_matrix"] = _out_of_plane_damping(proj, oop)
+                  "similarity": similarity, "quality": quality, "boost": 1.0}
+        # damping from the size of the observed 2D displacements: large, unreliable displacements far from
+        # the solution are damped; small ones near it let the weak (depth) directions be resolved
+        disp_all = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
+        med = float(disp_all.median()) if disp_all.numel() else cfg.search_px
+        self.damping = float(max(cfg.damping_min,
+                                 cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
+        system["damping"] = self.damping
+        # the weakly observable directions of a single view (depth translation, rotations about the detector
+        # axes) are frozen while the 2D displacements are large and released near the solution
+        oop = float(max(cfg.damping_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
+        system["damping_matrix"] = _out_of_plane_damping(proj, oop)
         sol = self._solve(system, self.damping)
         final_w = system["final_weights"][0].float().clamp(0, 1)
         if bool(sol.rank_deficient[0]):
@@ -496,8 +503,9 @@ class Registration:
         wts = weights
         sol = None
         for r in range(self.config.robust_iterations + 1):
+            dm = system.get("damping_matrix")
             sol = solve_ppc(system["w"], system["g"], src, system["rays"], wts, regularization=damping,
-                            damping=system.get("damping_matrix"))
+                            damping=None if dm is None else dm * system.get("boost", 1.0))
             if r == self.config.robust_iterations:
                 break
             res = _point_residuals(system["w"], system["g"], src, system["rays"], sol)
