@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -556,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="World coordinates are the CT file's (LPS mm, as SimpleITK reads it). Environment: PPCREG_CACHE "
                "(sample data cache). Errors in the input are reported as 'error: ...' with exit code 2.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--threads", type=_positive_int("--threads"),
+                        default=int(os.environ.get("PPCREG_THREADS", "1")),
+                        help="CPU threads for torch (default $PPCREG_THREADS or 1: the renderer issues many small "
+                             "operations, and on a shared 2-core machine two threads were measured ten times "
+                             "slower than one)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -656,6 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_ERROR
+    _torch().set_num_threads(args.threads)
     try:
         return int(args.func(args) or EXIT_OK)
     except PPCError as exc:
