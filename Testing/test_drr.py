@@ -10,7 +10,7 @@ import torch
 
 from PPCRegistrationLib import drr
 from PPCRegistrationLib.errors import InputError
-from PPCRegistrationLib.geometry import Projection, carm_pose, invert_rigid, rigid, se3_exp, so3_exp
+from PPCRegistrationLib.geometry import Projection, carm_pose, invert_rigid, se3_exp, so3_exp
 from PPCRegistrationLib.volume import Volume
 
 MU = 0.04  # 1/mm: HU +1000 with mu_water 0.02

@@ -73,7 +73,6 @@ def test_weights_reject_outliers():
     w[0, :40] = 0
     good = solve_ppc(pts[None], grads[None], proj.source, rays, w)
     eye = torch.eye(4, dtype=torch.float64)[None]
-    c = pts.mean(0, keepdim=True)
     err_good = float(mtre(centred_update(good.dv, good.centre, eye)[0], T_true, pts))
     err_bad = float(mtre(centred_update(bad.dv, bad.centre, eye)[0], T_true, pts))
     assert err_good < 0.05 and err_bad > 10 * err_good

@@ -9,7 +9,7 @@ import torch
 from PPCRegistrationLib.drr import DRRRenderer
 from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.features import extract_surface_points
-from PPCRegistrationLib.geometry import Projection, carm_pose, se3_exp, translation_matrix
+from PPCRegistrationLib.geometry import Projection, carm_pose, translation_matrix
 from PPCRegistrationLib.io import read_label_map, read_volume
 from PPCRegistrationLib.metrics import mrpd, mtre, reduction_factor, summarize
 from PPCRegistrationLib.registration import Registration, RegistrationConfig

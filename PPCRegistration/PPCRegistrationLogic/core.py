@@ -25,7 +25,7 @@ import vtk
 import slicer
 from vtk.util import numpy_support
 
-from PPCRegistrationLib.geometry import Projection, carm_pose, invert_rigid
+from PPCRegistrationLib.geometry import Projection, carm_pose
 from PPCRegistrationLib.volume import Volume
 
 # Methods offered by the module: library name -> label shown to the user.
