@@ -19,6 +19,17 @@ def _plt():
     return plt
 
 
+def _structure(img: torch.Tensor, sigma_px: float = 6.0) -> np.ndarray:
+    """High-pass ``(H, W)`` in [0, 1]: the image minus its Gaussian blur, so that two images of different
+    contrast (X-ray and DRR) show the same structures at the same brightness."""
+    from scipy import ndimage
+
+    a = img.detach().double().cpu().numpy()
+    hp = a - ndimage.gaussian_filter(a, sigma_px, mode="nearest")
+    lo, hi = np.percentile(hp, [2, 98])
+    return np.clip((hp - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
 def _gray(img: torch.Tensor) -> np.ndarray:
     a = img.detach().float().cpu().numpy()
     lo, hi = np.percentile(a, [1, 99.5])
@@ -43,10 +54,11 @@ def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tens
     gray = _gray(xray)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), dpi=100)
     for ax, drr, title in ((axes[0], drr_initial, titles[0]), (axes[1], drr_final, titles[1])):
-        # colour fusion: X-ray in magenta, DRR in green; aligned structures are grey, misaligned ones fringed
-        d = _gray(drr)
-        ax.imshow(np.stack([gray, d, gray], -1), interpolation="bilinear")
-        ax.set_title(f"{title}: X-ray (magenta) + DRR (green)")
+        # colour fusion of the structures (high-pass): X-ray in magenta, DRR in green; aligned edges are grey,
+        # misaligned ones show as magenta/green fringes
+        x, d = _structure(xray), _structure(drr)
+        ax.imshow(np.stack([x, d, x], -1), interpolation="bilinear")
+        ax.set_title(f"{title}\nX-ray (magenta) + DRR (green)", fontsize=10)
         ax.axis("off")
     ax = axes[2]
     ax.imshow(gray, cmap="gray", interpolation="bilinear")
@@ -65,7 +77,7 @@ def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tens
     ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94) if suptitle else None)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p)
