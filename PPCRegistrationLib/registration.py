@@ -54,9 +54,6 @@ class RegistrationConfig:
     out_of_plane_damping: extra damping of the weakly observable directions of a single view (translation along
         the beam, rotations about the detector axes), scaled by the fourth power of the same ratio: they are
         held while the in-plane alignment is coarse and released near the solution.
-    reject_worse, reject_margin: Levenberg-Marquardt acceptance: when the contour matches at the new estimate
-        are worse (mean match score lower by more than the margin), the update is undone and the previous
-        correspondences are re-solved with ten times the damping.
     patience: stop as diverged when the similarity has stayed below the best for this many iterations
         (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
     window_margin_px: margin around the projected region of interest rendered for matching.
@@ -76,8 +73,6 @@ class RegistrationConfig:
     robust_iterations: int = 2
     damping_initial: float = 0.05
     damping_min: float = 1e-5
-    reject_worse: bool = False
-    reject_margin: float = 0.05
     damping_offset_px: float = 2.0
     out_of_plane_damping: float = 10.0
     ransac_hypotheses: int = 256
@@ -263,7 +258,6 @@ class Registration:
         self.search_px = float(self.config.search_px)
         self.status = "running"
         self.damping = float(self.config.damping_initial)
-        self._last: dict | None = None  # the previous update's system, to re-solve it when rejected
         self._stop = False
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
@@ -386,35 +380,13 @@ class Registration:
             return finish("rank_deficient", f"only {int(valid.sum())} of {n_contour} contour points found a "
                           "match: kept the best estimate", self.T, update_mm=0.0, update_deg=0.0,
                           mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
-        # quality of the alignment of the region's contours: mean match score over the contour points
-        quality = float(weights.sum()) / max(n_contour, 1)
-        last = self._last
-        if cfg.reject_worse and last is not None and quality < last["quality"] * (1 - cfg.reject_margin) \
-                and last["boost"] < 1e3:
-            # Levenberg-Marquardt acceptance: the last update made the contours match worse; undo it and
-            # re-solve the previous correspondences with ten times the damping (no rendering or matching)
-            last["boost"] *= 10
-            sol = self._solve(last, last["damping"] * last["boost"])
-            T_new = centred_update(sol.dv, sol.centre, last["T"][None])[0]
-            upd_mm = float(mtre_fn(T_new, last["T"], self.targets))
-            self.T = T_new
-            kw2 = dict(last["state_kw"], drr=drr_full, similarity=similarity, update_mm=upd_mm,
-                       update_deg=float(rotation_angle_deg(T_new @ invert_rigid(last["T"]))))
-            if upd_mm < cfg.tolerance_mm:
-                self.T = last["T"]
-                self._last = None
-                return finish("converged", "no update improves the contour matches any more", self.T, **kw2)
-            return finish("running", f"update rejected (match quality fell from {last['quality']:.3f} to "
-                          f"{quality:.3f}); damping x{last['boost']:.0f}", T_new, **kw2)
-        system = {"w": w_c[None], "g": g_c[None], "rays": rays, "weights": weights, "T": T,
-                  "similarity": similarity, "quality": quality, "boost": 1.0}
+        system = {"w": w_c[None], "g": g_c[None], "rays": rays, "weights": weights}
         # damping from the size of the observed 2D displacements: large, unreliable displacements far from
         # the solution are damped; small ones near it let the weak (depth) directions be resolved
         disp_all = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
         med = float(disp_all.median()) if disp_all.numel() else cfg.search_px
         self.damping = float(max(cfg.damping_min,
                                  cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
-        system["damping"] = self.damping
         # the weakly observable directions of a single view (depth translation, rotations about the detector
         # axes) are frozen while the 2D displacements are large and released near the solution
         oop = float(max(cfg.damping_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
@@ -439,8 +411,6 @@ class Registration:
             self.T = self.best_T.clone()
             return finish("diverged", f"an update of {upd_mm:.1f} mm exceeds the {cfg.max_update_mm} mm limit: "
                           "reverted to the best estimate", self.T, **kw)
-        system["state_kw"] = dict(kw)
-        self._last = system
         drift = float(mtre_fn(T_new, self.T_init, self.targets))
         if drift > cfg.max_drift_mm:
             self.T = self.best_T.clone()
@@ -503,9 +473,8 @@ class Registration:
         wts = weights
         sol = None
         for r in range(self.config.robust_iterations + 1):
-            dm = system.get("damping_matrix")
             sol = solve_ppc(system["w"], system["g"], src, system["rays"], wts, regularization=damping,
-                            damping=None if dm is None else dm * system.get("boost", 1.0))
+                            damping=system.get("damping_matrix"))
             if r == self.config.robust_iterations:
                 break
             res = _point_residuals(system["w"], system["g"], src, system["rays"], sol)
