@@ -79,6 +79,8 @@ class RegistrationConfig:
     ransac_sample: int = 12
     ransac_threshold_px: float = 1.5
     max_update_mm: float = 30.0
+    coarse_search_px: float = 32.0
+    coarse_min_gain: float = 0.02
     max_drift_mm: float = 75.0
     patience: int = 0
     window_margin_px: int = 24
@@ -281,6 +283,54 @@ class Registration:
             self._xray_grad_cache[key] = image_gradient(self.xray[None], sigma_px=sigma)
         return self._xray_grad_cache[key]
 
+    def _coarse_align(self, T: torch.Tensor) -> torch.Tensor:
+        """Global 2D search before the first update: the in-plane shift of the DRR window around the region of
+        interest that best correlates (normalised cross-correlation of the gradient images) with the X-ray,
+        applied as a translation of the CT parallel to the detector at the region's depth.
+
+        Contour matching along normals is local: an initial error of half a vertebra's height lets endplates
+        lock onto the neighbouring vertebra.  The window holds ribs, pedicles and soft-tissue edges as well,
+        which makes the correlation peak unambiguous.
+        """
+        cfg = self.config
+        proj = self.projection
+        S = int(round(cfg.coarse_search_px))
+        w_all = transform_points(T, self.surface.points)
+        uv_all = proj.project(w_all[None])[0]
+        h, w = proj.height, proj.width
+        lo = torch.floor(uv_all.min(0).values) - 8
+        hi = torch.ceil(uv_all.max(0).values) + 8
+        u0, v0 = int(max(S, lo[0])), int(max(S, lo[1]))
+        u1, v1 = int(min(w - 1 - S, hi[0])), int(min(h - 1 - S, hi[1]))
+        if u1 - u0 < 16 or v1 - v0 < 16:
+            return T  # too close to the detector border for a global search
+        drr = self.renderer.render(crop_projection(proj, u0, v0, u1 - u0 + 1, v1 - v0 + 1), T[None])
+        sigma = 2.0
+        tg = image_gradient(drr, sigma_px=sigma)[0]  # (2, th, tw)
+        xg = self._xray_gradient(sigma)[0, :, v0 - S:v1 + S + 1, u0 - S:u1 + S + 1]  # (2, th+2S, tw+2S)
+        tg = tg - tg.mean(dim=(1, 2), keepdim=True)
+        th, tw = tg.shape[1:]
+        num = torch.nn.functional.conv2d(xg[None], tg[None])[0, 0]  # (2S+1, 2S+1)
+        ones = torch.ones(1, 2, th, tw, dtype=xg.dtype, device=xg.device)
+        s1 = torch.nn.functional.conv2d(xg[None], ones)[0, 0]
+        s2 = torch.nn.functional.conv2d((xg * xg)[None], ones)[0, 0]
+        n = 2 * th * tw
+        var = (s2 - s1 * s1 / n).clamp_min(1e-12)
+        ncc = num / torch.sqrt(var * (tg * tg).sum()).clamp_min(1e-12)
+        k = int(torch.argmax(ncc))
+        dv_i, du_i = divmod(k, ncc.shape[1])
+        best, here = float(ncc[dv_i, du_i]), float(ncc[S, S])
+        if best < here + cfg.coarse_min_gain:
+            return T
+        du, dv = float(du_i - S), float(dv_i - S)
+        centre = w_all.mean(0, keepdim=True)
+        uv_c = proj.project(centre[None])[0]
+        depth = proj.depth(centre[None])[0]
+        moved = proj.backproject(uv_c + uv_c.new_tensor([du, dv]), depth)[0]
+        shift = torch.eye(4, dtype=T.dtype, device=T.device)
+        shift[:3, 3] = (moved - centre)[0]
+        return shift @ T
+
     def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
         misses the detector."""
@@ -299,12 +349,13 @@ class Registration:
         """One update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
+        if self.iteration == 0 and cfg.coarse_search_px > 0:
+            self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients
         proj = self.projection
         it = self.iteration + 1
         w_all = transform_points(T, P0)
-        g_all = w_all.new_tensor(0).new_empty(0)  # placeholder for type checkers
         g_all = G0 @ T[:3, :3].T
         uv_all = proj.project(w_all[None])[0]
         empty = torch.zeros(0, 3, dtype=torch.float64)

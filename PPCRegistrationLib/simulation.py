@@ -22,13 +22,16 @@ class Renderer(Protocol):
 class XRayVariation:
     """Ranges of the random appearance changes of a simulated X-ray (each drawn uniformly per image).
 
-    photons: incident photons per pixel (Poisson noise; lower = noisier), log-uniform in the range.
+    photons: detected photons per pixel behind the median path through the patient (Poisson noise; lower =
+        noisier), log-uniform in the range.  Like a C-arm's automatic exposure control, the tube output is set
+        for that detector dose, so thick (lateral) views are not noisier than thin ones.  300-3,000 photons per
+        (1.5 mm)^2 pixel is the range of low-dose fluoroscopy to radiography.
     blur_px: Gaussian blur sigma (detector pixels; focal spot and detector blur).
     gamma: exponent applied to the normalised attenuation image (contrast change of the imaging chain).
     scatter: fraction of the mean transmitted intensity added as a smooth scatter background.
     """
 
-    photons: tuple[float, float] = (1e4, 1e6)
+    photons: tuple[float, float] = (300.0, 3000.0)
     blur_px: tuple[float, float] = (0.3, 1.2)
     gamma: tuple[float, float] = (0.8, 1.25)
     scatter: tuple[float, float] = (0.0, 0.15)
@@ -68,13 +71,17 @@ def degrade(line_integral: torch.Tensor, variation: XRayVariation, gen: torch.Ge
     inten = torch.exp(-L)
     s = _uniform(gen, *variation.scatter)
     if s > 0:
-        inten = inten + s * float(inten.mean()) * _gaussian_blur(inten, max(L.shape) / 8) / float(inten.mean())
+        inten = inten + s * _gaussian_blur(inten, max(L.shape) / 8)
     sigma = _uniform(gen, *variation.blur_px)
     inten = _gaussian_blur(inten, sigma)
     photons = variation.photons
     if photons[1] > 0:
         lo, hi = torch.log(torch.tensor(photons[0])), torch.log(torch.tensor(photons[1]))
-        n0 = float(torch.exp(lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64)))
+        n_det = float(torch.exp(lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64)))
+        # automatic exposure control: the dose is set for the centre of the field (where the anatomy is)
+        h, w = inten.shape
+        centre = inten[h // 4:h - h // 4, w // 4:w - w // 4]
+        n0 = n_det / max(float(centre.median()), 1e-12)
         counts = torch.poisson(inten * n0, generator=gen)
         inten = counts.clamp_min(0.5) / n0
     att = -torch.log(inten.clamp_min(1e-12))
