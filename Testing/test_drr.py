@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from PPCRegistrationLib import drr
 from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.geometry import Projection, carm_pose, invert_rigid, se3_exp, so3_exp
+from PPCRegistrationLib.io import read_volume
 from PPCRegistrationLib.volume import Volume
 
 MU = 0.04  # 1/mm: HU +1000 with mu_water 0.02
@@ -212,21 +212,9 @@ def test_batch_equals_single_renders(phantom):
 # ----------------------------------------------------------------------------- real data
 
 
-def _read_ct(path) -> Volume:
-    import SimpleITK as sitk
-
-    im = sitk.ReadImage(str(path))
-    data = torch.from_numpy(sitk.GetArrayFromImage(im).astype(np.float32))
-    m = torch.eye(4, dtype=torch.float64)
-    direction = torch.tensor(im.GetDirection(), dtype=torch.float64).reshape(3, 3)
-    m[:3, :3] = direction * torch.tensor(im.GetSpacing(), dtype=torch.float64)[None]
-    m[:3, 3] = torch.tensor(im.GetOrigin(), dtype=torch.float64)
-    return Volume(data, m)
-
-
 @pytest.fixture(scope="module")
 def lumbar(lumbar_ct_path) -> Volume:
-    return _read_ct(lumbar_ct_path)
+    return read_volume(lumbar_ct_path)
 
 
 def test_lumbar_ap_matches_reference(lumbar):

@@ -14,6 +14,7 @@ from PPCRegistrationLib.features import (SurfacePoints, contour_mask, extract_su
 from PPCRegistrationLib.geometry import Projection, carm_pose, se3_exp, transform_points
 from PPCRegistrationLib.roi import BoxROI, roi_from_vertebra
 from PPCRegistrationLib.volume import Volume
+from PPCRegistrationLib.io import read_volume as _read
 
 RADIUS = 25.0
 
@@ -139,16 +140,6 @@ def test_project_normals_finite_differences():
     # a gradient along the viewing ray has no image direction
     ray = x - proj.source[:, None]
     assert float(project_normals(proj, x, ray).abs().max()) < 1e-6
-
-
-def _read(path) -> Volume:
-    sitk = pytest.importorskip("SimpleITK")
-    im = sitk.ReadImage(str(path))
-    arr = torch.from_numpy(sitk.GetArrayFromImage(im).astype(np.float32))
-    m = np.eye(4)
-    m[:3, :3] = np.array(im.GetDirection()).reshape(3, 3) @ np.diag(im.GetSpacing())
-    m[:3, 3] = im.GetOrigin()
-    return Volume(arr, torch.tensor(m))
 
 
 def test_l3_surface_points_real(lumbar_ct_path, lumbar_labels_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +12,7 @@ from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.matching import (MatchResult, displacement_consistency, match_along_normals,
                                          robust_weights)
 from PPCRegistrationLib.volume import Volume
+from PPCRegistrationLib.io import read_volume as _read
 
 H = W = 160
 R0 = 40.0
@@ -147,16 +147,6 @@ def test_robust_weights_and_consistency():
 
 
 # ----------------------------------------------------------------------------- real CT
-
-
-def _read(path) -> Volume:
-    sitk = pytest.importorskip("SimpleITK")
-    im = sitk.ReadImage(str(path))
-    arr = torch.from_numpy(sitk.GetArrayFromImage(im).astype(np.float32))
-    m = np.eye(4)
-    m[:3, :3] = np.array(im.GetDirection()).reshape(3, 3) @ np.diag(im.GetSpacing())
-    m[:3, 3] = im.GetOrigin()
-    return Volume(arr, torch.tensor(m))
 
 
 def _simple_drr(ct: Volume, proj, T: torch.Tensor, n_steps: int = 192) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.geometry import so3_exp
 from PPCRegistrationLib.roi import BoxROI, LabelROI, roi_from_vertebra
 from PPCRegistrationLib.volume import Volume
+from PPCRegistrationLib.io import read_volume as _read
 
 
 def _grid(shape=(30, 32, 34), spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 5.0), flip=True) -> Volume:
@@ -96,16 +96,6 @@ def test_empty_roi_errors():
         roi_from_vertebra(vol, "X9")
     with pytest.raises(InputError, match="L3"):
         roi_from_vertebra(vol, "L3")
-
-
-def _read(path) -> Volume:
-    sitk = pytest.importorskip("SimpleITK")
-    im = sitk.ReadImage(str(path))
-    arr = torch.from_numpy(sitk.GetArrayFromImage(im).astype(np.float32))
-    m = np.eye(4)
-    m[:3, :3] = np.array(im.GetDirection()).reshape(3, 3) @ np.diag(im.GetSpacing())
-    m[:3, 3] = im.GetOrigin()
-    return Volume(arr, torch.tensor(m))
 
 
 def test_vertebra_roi_real(lumbar_ct_path, lumbar_labels_path):
