@@ -75,6 +75,7 @@ class RegistrationConfig:
     damping_min: float = 1e-5
     damping_offset_px: float = 2.0
     out_of_plane_damping: float = 10.0
+    out_of_plane_min: float = 0.1
     ransac_hypotheses: int = 256
     ransac_sample: int = 12
     ransac_threshold_px: float = 1.5
@@ -440,7 +441,7 @@ class Registration:
                                  cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
         # the weakly observable directions of a single view (depth translation, rotations about the detector
         # axes) are frozen while the 2D displacements are large and released near the solution
-        oop = float(max(cfg.damping_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
+        oop = float(max(cfg.out_of_plane_min, cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4)))
         system["damping_matrix"] = _out_of_plane_damping(proj, oop)
         sol = self._solve(system, self.damping)
         final_w = system["final_weights"][0].float().clamp(0, 1)

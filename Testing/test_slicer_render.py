@@ -74,10 +74,13 @@ def test_overlay_lines_up_at_the_ground_truth(session):
 
     logic, sc = session
     logic.reset()
-    logic.step()
-    before = misalignment(logic)
-    drr = DRRRenderer(core.volumeFromNode(sc.ctNode)).render(logic.projection, torch.from_numpy(sc.T_gt)[None])[0]
+    logic.step()  # creates the DRR node (its first update may already have moved the estimate)
+    renderer = DRRRenderer(core.volumeFromNode(sc.ctNode))
     saved = slicer.util.arrayFromVolume(logic.drrNode).copy()
+    drr_init = renderer.render(logic.projection, torch.from_numpy(sc.T_init)[None])[0]
+    core._setVolumeArray(logic.drrNode, drr_init.numpy()[None])
+    before = misalignment(logic)
+    drr = renderer.render(logic.projection, torch.from_numpy(sc.T_gt)[None])[0]
     core._setVolumeArray(logic.drrNode, drr.numpy()[None])
     at_gt = misalignment(logic)
     render.renderXrayView(logic, OUT / "xray_overlay_ground_truth.png", showPoints=False, showFlow=False,
