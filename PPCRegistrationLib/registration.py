@@ -252,6 +252,9 @@ class Registration:
         self.surface = SurfacePoints(surface.points.to(self.device, torch.float64),
                                      surface.gradients.to(self.device, torch.float64))
         self.targets = self.surface.points
+        if matcher is None and self.config.method != "classic":
+            raise InputError(f"method {self.config.method!r} needs a learned 2D matching model, which this version "
+                             "does not provide yet: use method 'classic'")
         self.matcher: Matcher = matcher or ClassicMatcher()
         self.reset()
 

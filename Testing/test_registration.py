@@ -117,6 +117,8 @@ def test_bad_input_gives_clear_errors(lumbar):
         Registration(ct, case.xray, case.projection, scaled, roi, **kw)
     with pytest.raises(InputError, match="4x4"):
         Registration(ct, case.xray, case.projection, torch.eye(3), roi, **kw)
+    with pytest.raises(InputError, match="learned"):
+        Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(method="ppc_flow"), **kw)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="cuda"):
             RegistrationConfig(device="cuda").resolved_device()
