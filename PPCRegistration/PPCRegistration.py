@@ -413,7 +413,7 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRun(self) -> None:
         if not self._ensureSession():
             return
-        self.logic.session.registration._stop = False
+        self.logic.session.registration.stop_requested = False
         self._running = True
         self.ui.progressBar.setValue(0)
         self.updateGUIFromParameterNode()
@@ -423,8 +423,8 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """One update per timer tick: the GUI stays responsive between updates."""
         session = self.logic.session
         reg = session.registration if session else None
-        if reg is None or reg._stop or reg.iteration >= reg.config.max_iterations:
-            self.stopTimer("stopped" if reg is not None and reg._stop else None)
+        if reg is None or reg.stop_requested or reg.iteration >= reg.config.max_iterations:
+            self.stopTimer("stopped" if reg is not None and reg.stop_requested else None)
             return
         try:
             state = session.step()

@@ -269,12 +269,12 @@ class Registration:
         self.search_px = float(self.config.search_px)
         self.status = "running"
         self.damping = float(self.config.damping_initial)
-        self._stop = False
+        self.stop_requested = False
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
     def stop(self) -> None:
         """Request the running loop to stop after the current update (keeps the last good estimate)."""
-        self._stop = True
+        self.stop_requested = True
 
     @property
     def iteration(self) -> int:
@@ -565,11 +565,11 @@ class Registration:
             should_stop: polled before every update; True stops the loop (the estimate is kept).
         """
         t0 = time.perf_counter()
-        self._stop = False
+        self.stop_requested = False
         status = "max_iterations"
         message = ""
         while self.iteration < self.config.max_iterations:
-            if self._stop or (should_stop is not None and should_stop()):
+            if self.stop_requested or (should_stop is not None and should_stop()):
                 status, message = "stopped", "stopped on request"
                 break
             try:
