@@ -19,7 +19,8 @@ import torch
 from .drr import DRRRenderer, image_gradient
 from .errors import InputError, PPCError
 from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
-from .geometry import Projection, centred_update, invert_rigid, rotation_angle_deg, transform_points
+from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_deg, so3_exp, transform_points,
+                       translation_matrix)
 from .matching import match_along_normals
 from .metrics import mtre as mtre_fn
 from .ppc import solve_ppc
@@ -87,6 +88,7 @@ class RegistrationConfig:
     max_update_mm: float = 30.0
     coarse_search_px: float = 32.0
     coarse_min_gain: float = 0.02
+    coarse_angles_deg: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
     max_drift_mm: float = 75.0
     patience: int = 0
     window_margin_px: int = 24
@@ -293,9 +295,10 @@ class Registration:
         return self._xray_grad_cache[key]
 
     def _coarse_align(self, T: torch.Tensor) -> torch.Tensor:
-        """Global 2D search before the first update: the in-plane shift of the DRR window around the region of
-        interest that best correlates (normalised cross-correlation of the gradient images) with the X-ray,
-        applied as a translation of the CT parallel to the detector at the region's depth.
+        """Global 2D search before the first update: the in-plane rotation (``coarse_angles_deg``, about the ray
+        through the region's centre) and shift of the DRR window around the region of interest that best
+        correlate (normalised cross-correlation of the gradient images) with the X-ray, applied to the CT as that
+        rotation and a translation parallel to the detector at the region's depth.
 
         Contour matching along normals is local: an initial error of half a vertebra's height lets endplates
         lock onto the neighbouring vertebra.  The window holds ribs, pedicles and soft-tissue edges as well,
@@ -313,32 +316,59 @@ class Registration:
         u1, v1 = int(min(w - 1 - S, hi[0])), int(min(h - 1 - S, hi[1]))
         if u1 - u0 < 16 or v1 - v0 < 16:
             return T  # too close to the detector border for a global search
-        drr = self.renderer.render(crop_projection(proj, u0, v0, u1 - u0 + 1, v1 - v0 + 1), T[None])
+        centre = w_all.mean(0, keepdim=True)
+        uv_c = proj.project(centre[None])[0]  # (1, 2)
+        # render a larger window, so that rotated templates have no empty corners
+        m = int(math.ceil(0.2 * max(u1 - u0, v1 - v0)))
+        big = self.renderer.render(crop_projection(proj, u0 - m, v0 - m, u1 - u0 + 1 + 2 * m, v1 - v0 + 1 + 2 * m),
+                                   T[None])
         sigma = 2.0
-        tg = image_gradient(drr, sigma_px=sigma)[0]  # (2, th, tw)
         xg = self._xray_gradient(sigma)[0, :, v0 - S:v1 + S + 1, u0 - S:u1 + S + 1]  # (2, th+2S, tw+2S)
-        tg = tg - tg.mean(dim=(1, 2), keepdim=True)
-        th, tw = tg.shape[1:]
-        num = torch.nn.functional.conv2d(xg[None], tg[None])[0, 0]  # (2S+1, 2S+1)
+        th, tw = v1 - v0 + 1, u1 - u0 + 1
         ones = torch.ones(1, 2, th, tw, dtype=xg.dtype, device=xg.device)
         s1 = torch.nn.functional.conv2d(xg[None], ones)[0, 0]
         s2 = torch.nn.functional.conv2d((xg * xg)[None], ones)[0, 0]
-        n = 2 * th * tw
-        var = (s2 - s1 * s1 / n).clamp_min(1e-12)
-        ncc = num / torch.sqrt(var * (tg * tg).sum()).clamp_min(1e-12)
-        k = int(torch.argmax(ncc))
-        dv_i, du_i = divmod(k, ncc.shape[1])
-        best, here = float(ncc[dv_i, du_i]), float(ncc[S, S])
-        if best < here + cfg.coarse_min_gain:
+        var = (s2 - s1 * s1 / (2 * th * tw)).clamp_min(1e-12)
+        hb, wb = big.shape[1:]
+        vv, uu = torch.meshgrid(torch.arange(hb, dtype=torch.float64), torch.arange(wb, dtype=torch.float64),
+                                indexing="ij")
+        c = (uv_c[0] - uv_c.new_tensor([u0 - m, v0 - m])).cpu()  # rotation centre in the big window
+        best = (-math.inf, 0.0, 0, 0)
+        here = -math.inf
+        for ang in cfg.coarse_angles_deg:
+            # template rotated by ang about the region's projection (from +u towards +v), as the CT rotated
+            # about the ray through the region's centre would appear
+            a_r = math.radians(ang)
+            du_, dv_ = uu - c[0], vv - c[1]
+            su = c[0] + math.cos(a_r) * du_ + math.sin(a_r) * dv_
+            sv = c[1] - math.sin(a_r) * du_ + math.cos(a_r) * dv_
+            grid = torch.stack([su / (wb - 1) * 2 - 1, sv / (hb - 1) * 2 - 1], -1)[None].to(big)
+            rot = torch.nn.functional.grid_sample(big[None], grid, align_corners=True, padding_mode="border")[0]
+            tg = image_gradient(rot, sigma_px=sigma)[0][:, m:m + th, m:m + tw]
+            tg = tg - tg.mean(dim=(1, 2), keepdim=True)
+            num = torch.nn.functional.conv2d(xg[None], tg[None])[0, 0]  # (2S+1, 2S+1)
+            ncc = num / torch.sqrt(var * (tg * tg).sum()).clamp_min(1e-12)
+            k = int(torch.argmax(ncc))
+            dv_i, du_i = divmod(k, ncc.shape[1])
+            if float(ncc[dv_i, du_i]) > best[0]:
+                best = (float(ncc[dv_i, du_i]), ang, du_i - S, dv_i - S)
+            if ang == 0:
+                here = float(ncc[S, S])
+        score, ang, du, dv = best
+        if score < here + cfg.coarse_min_gain:
             return T
-        du, dv = float(du_i - S), float(dv_i - S)
-        centre = w_all.mean(0, keepdim=True)
-        uv_c = proj.project(centre[None])[0]
+        out = T
+        if ang != 0:
+            axis = proj.ray_directions(uv_c[None])[0, 0]  # from the source through the region's centre
+            rot3 = torch.eye(4, dtype=T.dtype, device=T.device)
+            rot3[:3, :3] = so3_exp(axis * math.radians(ang))
+            cm = translation_matrix(centre[0])
+            out = cm @ rot3 @ translation_matrix(-centre[0]) @ out
         depth = proj.depth(centre[None])[0]
-        moved = proj.backproject(uv_c + uv_c.new_tensor([du, dv]), depth)[0]
+        moved = proj.backproject(uv_c + uv_c.new_tensor([float(du), float(dv)]), depth)[0]
         shift = torch.eye(4, dtype=T.dtype, device=T.device)
         shift[:3, 3] = (moved - centre)[0]
-        return shift @ T
+        return shift @ out
 
     def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it

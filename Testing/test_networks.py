@@ -1,0 +1,263 @@
+"""The learned operator: FlowNetC shapes, correlation, end-to-end gradients through the PPC solve, a few
+training steps, model files and the LearnedMatcher."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from PPCRegistrationLib.errors import ModelFileError
+from PPCRegistrationLib.geometry import Projection, carm_pose, centred_update, se3_exp
+from PPCRegistrationLib.metrics import mtre
+from PPCRegistrationLib.networks import (POINT_FEATURES, FlowNetC, LearnedMatcher, PointNetAttention, correlation,
+                                         correlation_displacements, load_model, point_features, sample_flow,
+                                         save_model, state_dict_sha256)
+from PPCRegistrationLib.ppc import solve_ppc
+
+torch.set_num_threads(1)
+
+
+def _smooth_image(h, w, seed=0, sigma=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, h, w, generator=g)
+    r = int(3 * sigma)
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="circular"), k.reshape(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="circular"), k.reshape(1, 1, -1, 1))
+    return x[0, 0]
+
+
+def _grad(img):
+    """(H, W) -> (1, 2, H, W) central differences (d/du, d/dv)."""
+    p = F.pad(img[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
+    gu = (p[1:-1, 2:] - p[1:-1, :-2]) / 2
+    gv = (p[2:, 1:-1] - p[:-2, 1:-1]) / 2
+    return torch.stack([gu, gv])[None]
+
+
+def test_flownetc_shapes_odd_window_and_size():
+    torch.manual_seed(0)
+    net = FlowNetC()
+    assert sum(p.numel() for p in net.parameters()) < 1_500_000
+    x = torch.randn(2, 2, 97, 131)
+    d = torch.randn(2, 2, 97, 131) * 100.0  # different scales: normalised inside
+    flow, coarse = net(x, d)
+    assert flow.shape == (2, 2, 97, 131)
+    assert coarse.shape == (2, 2, 25, 33)
+    assert torch.isfinite(flow).all() and torch.isfinite(coarse).all()
+    net8 = FlowNetC(stride=8, max_disp=4)
+    flow8, coarse8 = net8(x[:1], d[:1])
+    assert flow8.shape == (1, 2, 97, 131) and coarse8.shape == (1, 2, 13, 17)
+    # a constant (all-zero gradient) image stays finite
+    flow0, _ = net(torch.zeros(1, 2, 33, 35), torch.zeros(1, 2, 33, 35))
+    assert torch.isfinite(flow0).all()
+
+
+def test_upsampled_flow_is_coarse_flow_times_stride():
+    net = FlowNetC()
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([1.5, -0.5]))
+    flow, coarse = net(torch.randn(1, 2, 41, 50), torch.randn(1, 2, 41, 50))
+    assert torch.allclose(coarse[0, 0], torch.full_like(coarse[0, 0], 1.5))
+    assert torch.allclose(flow[0, 0], torch.full_like(flow[0, 0], 6.0))
+    assert torch.allclose(flow[0, 1], torch.full_like(flow[0, 1], -2.0))
+
+
+@pytest.mark.parametrize("shift", [(2, -1), (0, 3), (-3, -3)])
+def test_correlation_peaks_at_true_shift(shift):
+    du, dv = shift
+    g = torch.Generator().manual_seed(3)
+    f1 = torch.randn(1, 16, 24, 28, generator=g)
+    f2 = torch.roll(f1, shifts=(dv, du), dims=(2, 3))  # f2(p + s) = f1(p)
+    corr = correlation(f1, f2, max_disp=4)
+    assert corr.shape == (1, 81, 24, 28)
+    k = int(corr[0, :, 5:-5, 5:-5].mean((1, 2)).argmax())
+    assert correlation_displacements(4)[k].tolist() == [du, dv]
+    # per pixel too, in the interior
+    kk = corr[0, :, 5:-5, 5:-5].argmax(0)
+    assert (kk == k).float().mean() > 0.95
+
+
+def test_sample_flow_bilinear_and_border():
+    v, u = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij")
+    flow = torch.stack([2 * u + 1, -v])[None]  # linear in u and v: bilinear sampling is exact
+    uv = torch.tensor([[[0.0, 0.0], [3.25, 2.5], [7.0, 5.0], [20.0, -3.0]]])
+    out = sample_flow(flow, uv)
+    assert out.shape == (1, 4, 2)
+    assert torch.allclose(out[0, :3], torch.tensor([[1.0, 0.0], [7.5, -2.5], [15.0, -5.0]]))
+    assert torch.allclose(out[0, 3], torch.tensor([15.0, 0.0]))  # clamped to the border pixel (7, 0)
+
+
+def _scene(seed=0, n=120):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=-1, keepdim=True)
+    scale = torch.tensor([1.0, 0.7, 1.3], dtype=torch.float64)
+    pts = d * 30.0 * scale
+    grads = d / scale
+    proj = Projection.from_carm(carm_pose(20.0, 10.0, 780.0, torch.zeros(3)), 1200.0, 64, 72, 4.0)
+    return pts, grads, proj
+
+
+def test_gradients_flow_end_to_end_through_ppc():
+    torch.manual_seed(0)
+    pts, grads, proj = _scene()
+    net, att = FlowNetC(), PointNetAttention()
+    T_gt = se3_exp(torch.tensor([[0.02, -0.01, 0.015, 1.0, -2.0, 0.5]], dtype=torch.float64))
+    uv = proj.project(pts[None])  # DRR positions (1, N, 2)
+    assert (uv[..., 0] > 0).all() and (uv[..., 0] < 71).all() and (uv[..., 1] > 0).all() and (uv[..., 1] < 63).all()
+    img = _smooth_image(64, 72, seed=1)
+    flow, _ = net(_grad(torch.roll(img, 1, 1)), _grad(img))
+    uv_m = uv + sample_flow(flow, uv.float()).double()
+    mask = torch.ones(1, uv.shape[1], dtype=torch.bool)
+    feats = point_features(uv, uv_m, pts[None], grads[None], proj.source, None, mask)
+    assert feats.shape == (1, uv.shape[1], POINT_FEATURES) and torch.isfinite(feats).all()
+    w = att(feats.float(), mask).double()
+    sol = solve_ppc(pts[None], grads[None], proj.source, proj.ray_directions(uv_m), w)
+    T_est = centred_update(sol.dv, sol.centre, torch.eye(4, dtype=torch.float64)[None])
+    loss = mtre(T_est, T_gt, pts[::10]).mean() + 0.1 * (uv_m - uv).norm(dim=-1).mean()
+    loss.backward()
+    for name, mod in (("flow", net), ("attention", att)):
+        gnorm = sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)
+        assert gnorm > 0 and torch.isfinite(torch.tensor(gnorm)), name
+    assert net.encoder[0][0].weight.grad.abs().sum() > 0  # reaches the first encoder layer
+    assert att.local[0].weight.grad.abs().sum() > 0
+
+
+def test_pointnet_mask_excludes_padding():
+    torch.manual_seed(1)
+    att = PointNetAttention(in_features=5)
+    x = torch.randn(2, 10, 5)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 7:] = False
+    w = att(x, mask)
+    assert w.shape == (2, 10) and (w[:, :7] > 0).all() and (w[:, :7] < 1).all() and (w[:, 7:] == 0).all()
+    x2 = x.clone()
+    x2[:, 7:] = 1e3 * torch.randn(2, 3, 5)  # padding content does not change the valid points' weights
+    assert torch.allclose(att(x2, mask)[:, :7], w[:, :7])
+    assert torch.allclose(att(x[:, :7]), w[:, :7], atol=1e-6)
+    w0 = att(x, torch.zeros(2, 10, dtype=torch.bool))
+    assert torch.isfinite(w0).all() and (w0 == 0).all()
+
+
+def test_few_adam_steps_reduce_endpoint_error():
+    torch.manual_seed(0)
+    img = _smooth_image(48, 48, seed=2)
+    drr_g, xray_g = _grad(img), _grad(torch.roll(img, shifts=(0, 2), dims=(0, 1)))
+    gt = torch.tensor([2.0, 0.0]).reshape(1, 2, 1, 1)
+    net = FlowNetC()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def epe():
+        flow, _ = net(xray_g, drr_g)
+        return (flow - gt)[:, :, 6:-6, 6:-6].norm(dim=1).mean()
+
+    with torch.no_grad():
+        e0 = float(epe())
+    for _ in range(25):
+        opt.zero_grad()
+        loss = epe()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        e1 = float(epe())
+    assert e1 < 0.5 * e0, (e0, e1)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net, att = FlowNetC(stride=8, max_disp=3, channels=32, decoder_channels=(64, 32)), PointNetAttention(hidden=32)
+    save_model(tmp_path / "f.pt", net, {"epochs": 3, "note": "test"})
+    save_model(tmp_path / "a.pt", att, {})
+    net2, meta = load_model(tmp_path / "f.pt", "flownetc")
+    att2, _ = load_model(tmp_path / "a.pt", "pointnet_attention")
+    assert meta == {"epochs": 3, "note": "test"}
+    assert net2.hparams == net.hparams
+    x, d = torch.randn(1, 2, 37, 45), torch.randn(1, 2, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(net(x, d)[0], net2(x, d)[0])
+        f = torch.randn(1, 9, POINT_FEATURES)
+        assert torch.equal(att(f), att2(f))
+
+
+def test_bad_model_files_raise(tmp_path):
+    torch.manual_seed(0)
+    net = FlowNetC(channels=16, decoder_channels=(32,))
+    good = tmp_path / "good.pt"
+    save_model(good, net, {})
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "missing.pt", "flownetc")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(ModelFileError, match="not a readable model file"):
+        load_model(junk, "flownetc")
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(ModelFileError):
+        load_model(truncated, "flownetc")
+    with pytest.raises(ModelFileError, match="expected 'pointnet_attention'"):
+        load_model(good, "pointnet_attention")
+    payload = torch.load(good, weights_only=True)
+    # wrong checksum: a parameter changed after saving
+    tampered = dict(payload, state_dict=dict(payload["state_dict"]))
+    key = "head.bias"
+    tampered["state_dict"][key] = tampered["state_dict"][key] + 1.0
+    torch.save(tampered, tmp_path / "tampered.pt")
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        load_model(tmp_path / "tampered.pt", "flownetc")
+    # shapes that do not fit the stored architecture (with a consistent checksum)
+    wrong = dict(payload, state_dict=dict(payload["state_dict"]))
+    wrong["state_dict"]["head.weight"] = torch.zeros(2, 7, 3, 3)
+    wrong["sha256"] = state_dict_sha256(wrong["state_dict"])
+    torch.save(wrong, tmp_path / "shapes.pt")
+    with pytest.raises(ModelFileError, match="mismatched shapes"):
+        load_model(tmp_path / "shapes.pt", "flownetc")
+    # another format / a newer version
+    torch.save(dict(payload, format="something else"), tmp_path / "fmt.pt")
+    with pytest.raises(ModelFileError, match="not a"):
+        load_model(tmp_path / "fmt.pt", "flownetc")
+    torch.save(dict(payload, version=99), tmp_path / "ver.pt")
+    with pytest.raises(ModelFileError, match="version"):
+        load_model(tmp_path / "ver.pt", "flownetc")
+
+
+def test_learned_matcher_on_small_window():
+    torch.manual_seed(0)
+    pts, grads, proj = _scene(n=40)
+    h, w = 64, 72
+    img = _smooth_image(h, w, seed=4)
+    drr_g, xray_g = _grad(img), _grad(torch.roll(img, 1, 0))
+    uv = proj.project(pts[None]).float()
+    n = uv.shape[1]
+    normals = torch.nn.functional.normalize(torch.randn(1, n, 2), dim=-1)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[0, ::5] = False
+    net = FlowNetC()
+    ctx = {"iteration": 0, "sigma_px": 1.0, "points_3d": pts[None], "gradients_3d": grads[None],
+           "source": proj.source}
+    for att in (None, PointNetAttention()):
+        matcher = LearnedMatcher(net, att)
+        uv_m, wts = matcher(img[None], img[None], drr_g, xray_g, uv, normals, mask, 20.0, ctx)
+        assert uv_m.shape == (1, n, 2) and wts.shape == (1, n)
+        assert uv_m.dtype == uv.dtype and torch.isfinite(uv_m).all()
+        assert (wts >= 0).all() and (wts <= 1).all()
+        assert (wts[~mask] == 0).all() and (wts[mask] > 0).all()
+        assert not uv_m.requires_grad
+    # with a zero search range every displaced match is dropped
+    _, w0 = LearnedMatcher(net)(img[None], img[None], drr_g, xray_g, uv, normals, mask, 1e-9, ctx)
+    assert (w0 == 0).all()
+    # the attention needs the 3D context
+    with pytest.raises(Exception, match="points_3d"):
+        LearnedMatcher(net, PointNetAttention())(img[None], img[None], drr_g, xray_g, uv, normals, mask, 20.0,
+                                                 {"iteration": 0})
+
+
+def test_matcher_odd_window_pads_inside():
+    net = FlowNetC()
+    g = torch.randn(1, 2, 45, 61)
+    uv = torch.tensor([[[3.0, 4.0], [60.0, 44.0], [30.5, 22.5]]])
+    uv_m, wts = LearnedMatcher(net)(None, None, g, g, uv, torch.zeros_like(uv), torch.ones(1, 3, dtype=torch.bool),
+                                    20.0, {})
+    assert uv_m.shape == (1, 3, 2) and wts.shape == (1, 3) and ((wts >= 0) & (wts <= 1)).all()
