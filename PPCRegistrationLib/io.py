@@ -351,6 +351,16 @@ def _resample_nearest(labels: Volume, shape: tuple[int, int, int], ref_m: torch.
     return torch.from_numpy(out)
 
 
+def _write_sitk(img: Any, p: Path) -> Path:
+    """Write a SimpleITK image (compressed), creating the folder; a write failure becomes an InputError."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _sitk().WriteImage(img, str(p), True)
+    except RuntimeError as exc:
+        raise InputError(f"cannot write {p}: {str(exc).strip().splitlines()[-1]}") from exc
+    return p
+
+
 def write_volume(path: str | Path, volume: Volume) -> Path:
     """Write a volume (NIfTI, NRRD, MHA/MHD), keeping its geometry.
 
@@ -360,15 +370,9 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
     p = Path(path).expanduser()
     if _suffix(p) not in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"):
         raise InputError(f"cannot write a volume as '{p.name}': use .nii.gz, .nrrd or .mha")
-    sitk = _sitk()
     dtype = None if not volume.data.is_floating_point() else np.float32
     img = volume_to_sitk(volume, dtype)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sitk.WriteImage(img, str(p), True)
-    except RuntimeError as exc:
-        raise InputError(f"cannot write {p}: {str(exc).strip().splitlines()[-1]}") from exc
-    return p
+    return _write_sitk(img, p)
 
 
 # ============================================================================= X-ray images
@@ -676,12 +680,7 @@ def write_xray(path: str | Path, xray: XRayImage, window: tuple[float, float] | 
             img.SetMetaData(_META_PREFIX + name, repr(float(v)))
     if g.modality:
         img.SetMetaData(_META_PREFIX + "modality", g.modality)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sitk.WriteImage(img, str(p), True)
-    except RuntimeError as exc:
-        raise InputError(f"cannot write {p}: {str(exc).strip().splitlines()[-1]}") from exc
-    return p
+    return _write_sitk(img, p)
 
 
 # ============================================================================= C-arm geometry from DICOM
