@@ -96,9 +96,7 @@ def nodeToWorldArray(node) -> np.ndarray:
         return np.eye(4)
     if not parent.IsTransformToWorldLinear():
         raise ValueError(f"'{node.GetName()}' is under a non-linear transform: harden or remove it first")
-    m = vtk.vtkMatrix4x4()
-    parent.GetMatrixTransformToWorld(m)
-    return arrayFromVTKMatrix4x4(m)
+    return transformToWorldArray(parent)
 
 
 def transformToWorldArray(transformNode) -> np.ndarray:

@@ -20,12 +20,18 @@ import slicer
 from . import core
 
 
-def _imageActor(volumeNode, lut: vtk.vtkScalarsToColors, opacity: float = 1.0) -> vtk.vtkImageActor:
-    """A single-slice volume drawn at its world position (IJKToRAS and parent transforms)."""
+def _indexImage(volumeNode) -> vtk.vtkImageData:
+    """A copy of the node's voxels in index space (origin 0, spacing 1); IJKToRAS is applied by the caller."""
     image = vtk.vtkImageData()
     image.DeepCopy(volumeNode.GetImageData())
     image.SetOrigin(0, 0, 0)
     image.SetSpacing(1, 1, 1)
+    return image
+
+
+def _imageActor(volumeNode, lut: vtk.vtkScalarsToColors, opacity: float = 1.0) -> vtk.vtkImageActor:
+    """A single-slice volume drawn at its world position (IJKToRAS and parent transforms)."""
+    image = _indexImage(volumeNode)
     colors = vtk.vtkImageMapToColors()
     colors.SetInputData(image)
     colors.SetLookupTable(lut)
@@ -213,10 +219,7 @@ def render3DView(session, path: str, *, boneThresholdHU: float = 200.0, title: s
     ren.GradientBackgroundOn()
     ctNode = ctNode or session.ctNode
     # bone surface of the CT, shown where the registration transform puts it
-    image = vtk.vtkImageData()
-    image.DeepCopy(ctNode.GetImageData())
-    image.SetOrigin(0, 0, 0)
-    image.SetSpacing(1, 1, 1)
+    image = _indexImage(ctNode)
     shrink = vtk.vtkImageShrink3D()
     shrink.SetInputData(image)
     factor = 1 if max(image.GetDimensions()) < 200 else 2
