@@ -22,13 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .drr import image_gradient
 from .errors import InputError, ModelFileError
 
 __all__ = [
     "FlowNetC", "PointNetAttention", "LearnedMatcher", "correlation", "correlation_displacements",
     "sample_flow", "point_features", "POINT_FEATURES", "robust_normalise", "save_model", "load_model",
-    "state_dict_sha256", "MODEL_FORMAT", "MODEL_VERSION",
+    "state_dict_sha256", "MODEL_FORMAT", "MODEL_VERSION", "LearnedOperator", "LEARNED_METHODS", "network_inputs",
+    "CPU_FLOW_HPARAMS", "operator_from_file",
 ]
+
+#: the three learned models of DESIGN.md §3 (one code path, :class:`LearnedOperator`).
+LEARNED_METHODS = ("flow", "ppc-flow", "ppc-flow-attention")
+#: a FlowNetC small enough to train on a CPU (0.30 s per batch of 16 at 128 x 128 on one core; 0.14 M
+#: parameters); its correlation reaches +-32 network pixels.
+CPU_FLOW_HPARAMS = {"stride": 8, "max_disp": 4, "channels": 32, "decoder_channels": [64, 48, 32],
+                    "first_channels": 16}
 
 MODEL_FORMAT = "PPCRegistrationLib.model"
 MODEL_VERSION = 1
@@ -145,23 +154,26 @@ class FlowNetC(nn.Module):
         max_disp: correlation range d in coarse pixels (the full-resolution range is ``d * stride``).
         channels: feature channels of the encoder's last stage.
         decoder_channels: widths of the decoder's hidden convolutions.
+        first_channels: width of the encoder's first (half-resolution) stage.
     Attributes:
         hparams: the architecture hyper-parameters (stored in model files).
     """
 
     def __init__(self, stride: int = 4, max_disp: int = 6, channels: int = 64,
-                 decoder_channels: tuple[int, ...] = (128, 96, 64, 32)) -> None:
+                 decoder_channels: tuple[int, ...] = (128, 96, 64, 32), first_channels: int = 32) -> None:
         super().__init__()
         if stride not in (4, 8):
             raise InputError(f"FlowNetC stride must be 4 or 8, got {stride}")
         if max_disp < 1:
             raise InputError("FlowNetC max_disp must be >= 1")
         self.hparams = {"stride": int(stride), "max_disp": int(max_disp), "channels": int(channels),
-                        "decoder_channels": [int(c) for c in decoder_channels]}
+                        "decoder_channels": [int(c) for c in decoder_channels],
+                        "first_channels": int(first_channels)}
         self.stride = int(stride)
         self.max_disp = int(max_disp)
         c = int(channels)
-        layers = [_conv(2, 32, 2), _conv(32, 32), _conv(32, c, 2), _conv(c, c)]
+        c0 = int(first_channels)
+        layers = [_conv(2, c0, 2), _conv(c0, c0), _conv(c0, c, 2), _conv(c, c)]
         if stride == 8:
             layers += [_conv(c, c, 2), _conv(c, c)]
         self.encoder = nn.Sequential(*layers)
@@ -302,33 +314,184 @@ class PointNetAttention(nn.Module):
         return torch.sigmoid(logits) * m.to(logits.dtype)
 
 
+# ----------------------------------------------------------------------------- the learned operator
+
+def network_inputs(drr: torch.Tensor, xray: torch.Tensor, factor: float = 1.0,
+                   sigma_px: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient images the flow network sees, from a DRR and an X-ray on the same pixel grid.
+
+    The images are first reduced by ``factor`` (area averaging: ``factor`` registration pixels make one network
+    pixel), then differentiated with a Gaussian of ``sigma_px`` network pixels. Training (data already on the
+    network grid, ``factor = 1``) and registration (finer detectors) share this function, so the network
+    always sees the same kind of input.
+
+    Args:
+        drr: ``(B, H, W)`` DRR (line integrals, any scale).
+        xray: ``(B, H, W)`` X-ray, attenuation-positive (bone bright).
+        factor: network pixel size / image pixel size (>= 1; 1 = no reduction).
+        sigma_px: gradient smoothing (network pixels).
+    Returns:
+        ``(drr_grad, xray_grad)``, each ``(B, 2, ceil(H / factor), ceil(W / factor))``.
+    """
+    if drr.shape != xray.shape or drr.ndim != 3:
+        raise InputError(f"network_inputs needs a DRR and an X-ray of equal shape (B, H, W), got "
+                         f"{tuple(drr.shape)} and {tuple(xray.shape)}")
+    if not factor >= 1.0:
+        raise InputError(f"the reduction factor must be >= 1 (network pixel / image pixel), got {factor}")
+    x = torch.stack([drr, xray], 1).to(torch.float32)  # (B, 2, H, W)
+    if factor > 1.0 + 1e-6:
+        h, w = x.shape[-2:]
+        k = int(round(factor))
+        if abs(factor - k) < 1e-3:
+            x = F.pad(x, (0, (-w) % k, 0, (-h) % k), mode="replicate")
+            x = F.avg_pool2d(x, k)
+        else:
+            x = F.interpolate(x, size=(math.ceil(h / factor), math.ceil(w / factor)), mode="bilinear",
+                              align_corners=False, antialias=True)
+    b = x.shape[0]
+    g = image_gradient(x.reshape(2 * b, *x.shape[-2:]) if b else x[:, 0], sigma_px=sigma_px)
+    g = g.reshape(b, 2, 2, *g.shape[-2:])
+    return g[:, 0], g[:, 1]
+
+
+class LearnedOperator(nn.Module):
+    """The learned 2D part of the update operator: FlowNetC correspondences and, for
+    ``ppc-flow-attention``, PointNet weights. The PPC solve that follows is :func:`~PPCRegistrationLib.ppc.solve_ppc`.
+
+    Args:
+        method: ``"flow"``, ``"ppc-flow"`` or ``"ppc-flow-attention"`` (the first two differ only in training).
+        network_pixel_mm: detector pixel size (mm) of the network grid (the training data's detector); a
+            registration on a finer detector reduces its images by ``network_pixel_mm / its pixel size``.
+        sigma_px: gradient smoothing (network pixels), see :func:`network_inputs`.
+        flow: :class:`FlowNetC` hyper-parameters (default :data:`CPU_FLOW_HPARAMS`).
+        attention: :class:`PointNetAttention` hyper-parameters (used by ``ppc-flow-attention`` only).
+    Attributes:
+        hparams: the constructor arguments (stored in model files).
+    """
+
+    def __init__(self, method: str = "ppc-flow-attention", network_pixel_mm: float = 380.0 / 128,
+                 sigma_px: float = 1.0, flow: dict | None = None, attention: dict | None = None) -> None:
+        super().__init__()
+        if method not in LEARNED_METHODS:
+            raise InputError(f"unknown learned method {method!r}: use one of {', '.join(LEARNED_METHODS)}")
+        if not network_pixel_mm > 0:
+            raise InputError(f"network_pixel_mm must be positive (mm), got {network_pixel_mm}")
+        flow = dict(CPU_FLOW_HPARAMS if flow is None else flow)
+        if "decoder_channels" in flow:
+            flow["decoder_channels"] = tuple(flow["decoder_channels"])
+        self.method = method
+        self.network_pixel_mm = float(network_pixel_mm)
+        self.sigma_px = float(sigma_px)
+        self.flow_net = FlowNetC(**flow)
+        self.attention = PointNetAttention(**(attention or {})) if method == "ppc-flow-attention" else None
+        self.hparams = {"method": method, "network_pixel_mm": self.network_pixel_mm, "sigma_px": self.sigma_px,
+                        "flow": dict(self.flow_net.hparams),
+                        "attention": None if self.attention is None else dict(self.attention.hparams)}
+
+    def factor_for(self, pixel_spacing_mm: float | None) -> float:
+        """Reduction factor for images of ``pixel_spacing_mm`` detector pixels (1 when unknown or coarser)."""
+        if pixel_spacing_mm is None or not pixel_spacing_mm > 0:
+            return 1.0
+        return max(1.0, self.network_pixel_mm / float(pixel_spacing_mm))
+
+    def forward(self, drr: torch.Tensor, xray: torch.Tensor, uv: torch.Tensor, mask: torch.Tensor | None = None,
+                points_3d: torch.Tensor | None = None, gradients_3d: torch.Tensor | None = None,
+                source: torch.Tensor | None = None, centre: torch.Tensor | None = None,
+                factor: float = 1.0) -> dict[str, torch.Tensor]:
+        """Correspondences and weights for the projected contour points.
+
+        Args:
+            drr: ``(B, H, W)`` DRR at the current estimate; xray: ``(B, H, W)`` X-ray on the same grid.
+            uv: ``(B, N, 2)`` projected contour points p_i (image pixels of that grid).
+            mask: ``(B, N)`` bool, valid (non-padding) points; default all.
+            points_3d, gradients_3d: ``(B, N, 3)`` moved contour points (mm) and rotated gradients; source
+                ``(B, 3)`` (mm); centre ``(B, 3)`` optional. Needed by ``ppc-flow-attention`` only.
+            factor: image pixel / network pixel reduction (see :meth:`factor_for`).
+        Returns:
+            ``{"uv_matched": (B, N, 2), "flow": (B, N, 2), "weights": (B, N)}`` in image pixels; weights are
+            1 (times the mask) without attention.
+        """
+        if uv.ndim != 3 or uv.shape[0] != drr.shape[0] or uv.shape[-1] != 2:
+            raise InputError(f"uv must be (B, N, 2) with B = {drr.shape[0]}, got {tuple(uv.shape)}")
+        p = next(self.flow_net.parameters())
+        f = float(factor)
+        dg, xg = network_inputs(drr.to(p.device), xray.to(p.device), f, self.sigma_px)
+        flow, _ = self.flow_net(xg, dg)
+        uv_n = (uv.to(p.device, p.dtype) - (f - 1) / 2) / f  # image pixel -> network pixel (area reduction)
+        dp_n = sample_flow(flow, uv_n)
+        dp = dp_n * f
+        m = torch.ones(uv.shape[:2], dtype=torch.bool, device=p.device) if mask is None else mask.to(p.device,
+                                                                                                      torch.bool)
+        if self.attention is None:
+            weights = m.to(p.dtype)
+        else:
+            if points_3d is None or gradients_3d is None or source is None:
+                raise InputError("ppc-flow-attention needs the contour points, their gradients and the source "
+                                 "(points_3d, gradients_3d, source)")
+            a = next(self.attention.parameters())
+            feats = point_features(uv_n.to(torch.float64), (uv_n + dp_n).to(torch.float64),
+                                   points_3d.to(a.device, torch.float64), gradients_3d.to(a.device, torch.float64),
+                                   source.to(a.device, torch.float64),
+                                   None if centre is None else centre.to(a.device, torch.float64), m.to(a.device))
+            weights = self.attention(feats.to(a.dtype), m.to(a.device)).to(p.device, p.dtype)
+        return {"uv_matched": uv.to(p.device, p.dtype) + dp, "flow": dp, "weights": weights}
+
+
+def operator_from_file(path: str | Path, device: torch.device | str = "cpu",
+                       method: str | None = None) -> tuple[LearnedOperator, dict]:
+    """Load a :class:`LearnedOperator` model file (see :func:`load_model`), checking its method if given."""
+    model, meta = load_model(path, "learned_operator", device)
+    if method is not None and model.method != method:
+        raise ModelFileError(f"{path} holds a {model.method!r} model, but method {method!r} was requested")
+    return model, meta
+
+
 # ----------------------------------------------------------------------------- the Matcher
 
 class LearnedMatcher:
     """The learned 2D matching step: a :class:`~PPCRegistrationLib.registration.Matcher`.
 
-    ``p'_i = p_i + flow(p_i)`` with the flow of :class:`FlowNetC` on (X-ray gradient, DRR gradient) of the
-    window; weights from :class:`PointNetAttention` on :func:`point_features` (all ones without it), times the
-    contour mask, and 0 for matches leaving the window or farther than ``search_px`` (when
-    ``limit_to_search``).
+    Built from a :class:`LearnedOperator` (the normal case: it reduces the DRR and X-ray windows to its network
+    grid using ``context["pixel_spacing_mm"]`` and computes its own gradients), or from a bare
+    :class:`FlowNetC` (and optional :class:`PointNetAttention`), which then runs on the registration's gradient
+    images as they are.
 
-    The attention needs 3D information the 2D matcher does not receive as arguments: ``context`` must then hold
-    ``"points_3d"`` ``(1, N, 3)`` (moved contour points, mm), ``"gradients_3d"`` ``(1, N, 3)`` (rotated
-    gradients), ``"source"`` ``(1, 3)`` (mm) and optionally ``"centre"`` ``(1, 3)`` (mm).
+    ``p'_i = p_i + flow(p_i)``; weights from the attention (all ones without it), times the contour mask, and 0 for
+    matches leaving the window or farther than ``search_px`` (when ``limit_to_search``).
+
+    With attention, ``context`` must hold ``"points_3d"`` ``(1, N, 3)`` (moved contour points, mm),
+    ``"gradients_3d"`` ``(1, N, 3)`` (rotated gradients), ``"source"`` ``(1, 3)`` (mm) and optionally
+    ``"centre"`` ``(1, 3)`` (mm); :class:`~PPCRegistrationLib.registration.Registration` passes them.
 
     Args:
-        flow_net: the trained :class:`FlowNetC`.
-        attention: optional trained :class:`PointNetAttention`.
+        model: a :class:`LearnedOperator`, or a :class:`FlowNetC`.
+        attention: optional :class:`PointNetAttention` (only with a bare FlowNetC).
         limit_to_search: drop (weight 0) matches displaced by more than the registration's search range.
         enable_grad: keep the autograd graph (training); the default runs under ``torch.no_grad``.
     """
 
-    def __init__(self, flow_net: FlowNetC, attention: PointNetAttention | None = None, *,
+    def __init__(self, model: nn.Module, attention: PointNetAttention | None = None, *,
                  limit_to_search: bool = True, enable_grad: bool = False) -> None:
-        self.flow_net = flow_net
-        self.attention = attention
+        if isinstance(model, LearnedOperator):
+            if attention is not None:
+                raise InputError("a LearnedOperator carries its own attention: do not pass another one")
+            self.operator: LearnedOperator | None = model
+            self.flow_net = model.flow_net
+            self.attention = model.attention
+        elif isinstance(model, FlowNetC):
+            self.operator = None
+            self.flow_net = model
+            self.attention = attention
+        else:
+            raise InputError(f"LearnedMatcher needs a LearnedOperator or a FlowNetC, got {type(model).__name__}")
         self.limit_to_search = limit_to_search
         self.enable_grad = enable_grad
+
+    @property
+    def method(self) -> str:
+        if self.operator is not None:
+            return self.operator.method
+        return "ppc-flow-attention" if self.attention is not None else "ppc-flow"
 
     def __call__(self, drr: torch.Tensor, xray: torch.Tensor, drr_grad: torch.Tensor, xray_grad: torch.Tensor,
                  uv: torch.Tensor, normals: torch.Tensor, mask: torch.Tensor, search_px: float,
@@ -336,43 +499,55 @@ class LearnedMatcher:
         """See :class:`~PPCRegistrationLib.registration.Matcher`: returns ``uv_matched (1, N, 2)`` (window
         pixels, ``uv``'s dtype and device) and weights ``(1, N)`` in [0, 1]."""
         with torch.set_grad_enabled(self.enable_grad and torch.is_grad_enabled()):
-            return self._match(drr_grad, xray_grad, uv, mask, search_px, context)
+            return self._match(drr, xray, drr_grad, xray_grad, uv, mask, search_px, context or {})
 
-    def _match(self, drr_grad, xray_grad, uv, mask, search_px, context):
+    def _match(self, drr, xray, drr_grad, xray_grad, uv, mask, search_px, context):
         p = next(self.flow_net.parameters())
         dev = p.device
-        h, w = drr_grad.shape[-2:]
-        flow, _ = self.flow_net(xray_grad.to(dev), drr_grad.to(dev))
-        uv_n = uv.to(dev, p.dtype)
-        dp = sample_flow(flow, uv_n)
-        uv_m = uv_n + dp
         m = mask.to(dev, torch.bool)
-        valid = m & (uv_m[..., 0] >= 0) & (uv_m[..., 0] <= w - 1) & (uv_m[..., 1] >= 0) & (uv_m[..., 1] <= h - 1)
-        if self.limit_to_search and search_px is not None and search_px > 0:
-            valid = valid & (torch.linalg.norm(dp, dim=-1) <= float(search_px))
-        if self.attention is None:
-            weights = torch.ones_like(uv_m[..., 0])
-        else:
-            missing = [k for k in ("points_3d", "gradients_3d", "source") if k not in (context or {})]
+        if self.attention is not None:
+            missing = [k for k in ("points_3d", "gradients_3d", "source") if k not in context]
             if missing:
                 raise InputError(f"LearnedMatcher with attention needs {missing} in the matcher context "
                                  "(moved contour points, rotated gradients, source); the registration loop "
                                  "must pass them")
-            a = next(self.attention.parameters())
-            feats = point_features(uv_n.to(a.device, torch.float64), uv_m.to(a.device, torch.float64),
-                                   context["points_3d"].to(a.device, torch.float64),
-                                   context["gradients_3d"].to(a.device, torch.float64),
-                                   context["source"].to(a.device, torch.float64),
-                                   None if context.get("centre") is None
-                                   else context["centre"].to(a.device, torch.float64), m.to(a.device))
-            weights = self.attention(feats.to(a.dtype), m.to(a.device)).to(dev, p.dtype)
+        if self.operator is not None:
+            if drr is None or xray is None:
+                raise InputError("a LearnedOperator matches the DRR and X-ray images: pass both windows")
+            f = self.operator.factor_for(context.get("pixel_spacing_mm"))
+            out = self.operator(drr.reshape(1, *drr.shape[-2:]), xray.reshape(1, *xray.shape[-2:]), uv, m,
+                                context.get("points_3d"), context.get("gradients_3d"), context.get("source"),
+                                context.get("centre"), factor=f)
+            h, w = drr.shape[-2:]
+            uv_m, dp, weights = out["uv_matched"], out["flow"], out["weights"]
+        else:
+            h, w = drr_grad.shape[-2:]
+            flow, _ = self.flow_net(xray_grad.to(dev), drr_grad.to(dev))
+            uv_n = uv.to(dev, p.dtype)
+            dp = sample_flow(flow, uv_n)
+            uv_m = uv_n + dp
+            if self.attention is None:
+                weights = torch.ones_like(uv_m[..., 0])
+            else:
+                a = next(self.attention.parameters())
+                feats = point_features(uv_n.to(a.device, torch.float64), uv_m.to(a.device, torch.float64),
+                                       context["points_3d"].to(a.device, torch.float64),
+                                       context["gradients_3d"].to(a.device, torch.float64),
+                                       context["source"].to(a.device, torch.float64),
+                                       None if context.get("centre") is None
+                                       else context["centre"].to(a.device, torch.float64), m.to(a.device))
+                weights = self.attention(feats.to(a.dtype), m.to(a.device)).to(dev, p.dtype)
+        valid = m & (uv_m[..., 0] >= 0) & (uv_m[..., 0] <= w - 1) & (uv_m[..., 1] >= 0) & (uv_m[..., 1] <= h - 1)
+        if self.limit_to_search and search_px is not None and search_px > 0:
+            valid = valid & (torch.linalg.norm(dp, dim=-1) <= float(search_px))
         weights = (weights * valid.to(weights.dtype)).clamp(0, 1)
         return uv_m.to(uv.device, uv.dtype), weights.to(uv.device, uv.dtype)
 
 
 # ----------------------------------------------------------------------------- model files
 
-_KINDS: dict[str, type[nn.Module]] = {"flownetc": FlowNetC, "pointnet_attention": PointNetAttention}
+_KINDS: dict[str, type[nn.Module]] = {"flownetc": FlowNetC, "pointnet_attention": PointNetAttention,
+                                      "learned_operator": LearnedOperator}
 
 
 def _kind_of(model: nn.Module) -> str:

@@ -62,6 +62,9 @@ class RegistrationConfig:
     patience: stop as diverged when the similarity has stayed below the best for this many iterations
         (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
     window_margin_px: margin around the projected region of interest rendered for matching.
+    solver: ``"robust"`` (RANSAC consensus, Tukey re-weighting, damping: the classic pipeline) or ``"plain"``
+        (one weighted PPC solve with the matcher's weights, as the learned operator is trained).
+    coarse_search_px: half-range (px) of the global 2D pre-alignment before the first update (0 = off).
     device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
     """
 
@@ -92,8 +95,13 @@ class RegistrationConfig:
     max_drift_mm: float = 75.0
     patience: int = 0
     window_margin_px: int = 24
+    solver: str = "robust"
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("robust", "plain"):
+            raise InputError(f"solver must be 'robust' or 'plain', got {self.solver!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -457,7 +465,9 @@ class Registration:
         uv_c = uv_win[idx][None].float()
         uv_m, weights = self.matcher(drr, xray_win, drr_grad, xray_grad, uv_c, normals.float(),
                                      torch.ones_like(uv_c[..., 0], dtype=torch.bool), self.search_px,
-                                     {"iteration": it, "sigma_px": sigma})
+                                     {"iteration": it, "sigma_px": sigma, "points_3d": w_c[None],
+                                      "gradients_3d": g_c[None], "source": proj.source,
+                                      "pixel_spacing_mm": float(proj.pixel_spacing[0, 0])})
         uv_m = uv_m.double()
         weights = weights.double().clamp(0, 1)
         uv_m_full = uv_m + uv_m.new_tensor([u0, v0])
@@ -482,7 +492,12 @@ class Registration:
         # that _solve scales with the noise of the correspondences
         system["oop"] = float(cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4))
         system["damping_matrix"] = _out_of_plane_damping(proj, max(system["oop"], cfg.out_of_plane_min))
-        sol = self._solve(system, self.damping)
+        if cfg.solver == "plain":
+            # the learned operator's own solve (as in training): weighted PPC, no consensus, no re-weighting
+            sol = solve_ppc(system["w"], system["g"], proj.source, rays, weights, regularization=cfg.damping_min)
+            system["final_weights"] = weights
+        else:
+            sol = self._solve(system, self.damping)
         final_w = system["final_weights"][0].float().clamp(0, 1)
         if bool(sol.rank_deficient[0]):
             self.T = self.best_T.clone()
