@@ -3,8 +3,9 @@
 A *sample* is one update problem: a random C-arm view of one vertebra, the X-ray simulated at the ground truth
 ``T_gt`` (with the realistic variation of :mod:`PPCRegistrationLib.simulation`), the DRR rendered at a random
 initial estimate ``T_init`` (initial mTRE uniform in a range, [0, 45] mm by default), the contour points at
-``T_init`` and their ground-truth flow. Everything is on the *network grid*: a detector of ``detector_px``
-pixels over ``detector_width_mm`` (128 px over 380 mm = 2.97 mm pixels by default), so training never renders.
+``T_init`` and their ground-truth flow. Everything is on the *network grid*: a window of ``crop_px`` pixels of a
+detector of ``detector_px`` pixels over ``detector_width_mm`` (128 of 256 px over 380 mm = 1.48 mm pixels by
+default) around the vertebra, as the registration renders it; training never renders.
 
 On-disk format (version 1, documented in docs/dataset.md)::
 
@@ -50,7 +51,9 @@ from .drr import DRRRenderer
 from .errors import InputError
 from .features import SurfacePoints, contour_mask, extract_surface_points
 from .geometry import Projection, invert_rigid, transform_points
-from .simulation import ViewSampler, XRayVariation, make_case
+from .metrics import mtre
+from .registration import crop_projection
+from .simulation import ViewSampler, XRayVariation, _uniform, random_initial_transform, simulate_xray
 from .volume import Volume
 
 __all__ = ["DATASET_FORMAT", "DATASET_VERSION", "DatasetConfig", "make_sample", "generate_split",
@@ -66,7 +69,9 @@ FIELDS = ("xray", "drr", "K", "R", "t", "T_init", "T_gt", "points", "gradients",
 class DatasetConfig:
     """How samples are drawn (units in the names).
 
-    detector_px, detector_width_mm: the network grid (square detector).
+    detector_px, detector_width_mm: the simulated C-arm's detector (square); its pixel is the network grid's.
+    crop_px: the sample's window: crop_px x crop_px detector pixels centred on the projection of the
+        vertebra at T_init (clamped to the detector), as the registration renders a window around the region.
     mtre_range_mm: initial mTRE drawn uniformly in it.
     max_points: contour points kept per sample (a random subset when there are more; padding when fewer).
     n_targets: mTRE target points stored per sample (a fixed subset of the vertebra's surface points).
@@ -75,8 +80,9 @@ class DatasetConfig:
     primary_deg, secondary_deg: ranges of the C-arm angles.
     """
 
-    detector_px: int = 128
+    detector_px: int = 256
     detector_width_mm: float = 380.0
+    crop_px: int = 128
     mtre_range_mm: tuple[float, float] = (0.0, 45.0)
     max_points: int = 384
     n_targets: int = 256
@@ -108,16 +114,26 @@ def make_sample(renderer: DRRRenderer, surface: SurfacePoints, seed: int, config
     cfg = config
     pts = surface.points.detach().cpu().to(torch.float64)
     grads = surface.gradients.detach().cpu().to(torch.float64)
-    case = make_case(renderer, pts, int(seed), tuple(cfg.mtre_range_mm), cfg.views(), variation)
-    proj = case.projection.to("cpu", torch.float64)
-    T_init, T_gt = case.T_init.to(torch.float64), case.T_gt.to(torch.float64)
-    drr = renderer.render(case.projection, T_init[None].to(renderer_device(renderer)))[0].detach().cpu().float()
+    gen = torch.Generator().manual_seed(int(seed))
+    full, view = cfg.views().sample(pts.mean(0), gen)
+    T_gt = torch.eye(4, dtype=torch.float64)
+    T_init = random_initial_transform(T_gt, pts, _uniform(gen, *cfg.mtre_range_mm), gen)
+    # the window the registration renders: crop_px x crop_px detector pixels around the region at T_init
+    c = int(cfg.crop_px)
+    uv0 = full.project(transform_points(T_init, pts)[None])[0].mean(0)
+    u0 = int(min(max(round(float(uv0[0]) - c / 2), 0), full.width - c))
+    v0 = int(min(max(round(float(uv0[1]) - c / 2), 0), full.height - c))
+    proj = crop_projection(full, u0, v0, c, c)
+    dev = renderer_device(renderer)
+    xray = simulate_xray(renderer, proj.to(dev), T_gt.to(dev), seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)),
+                         variation=variation)
+    drr = renderer.render(proj.to(dev), T_init[None].to(dev))[0].detach().cpu().float()
     gen = torch.Generator().manual_seed(int(seed) + 17)
     mask = contour_mask(pts[None], grads[None], proj.source, T_init[None], theta_deg=cfg.contour_theta_deg)[0]
     w = transform_points(T_init, pts)
     g = grads @ T_init[:3, :3].T
     uv = proj.project(w[None])[0]
-    h = wd = int(cfg.detector_px)
+    h = wd = c
     inside = (uv[:, 0] >= 1) & (uv[:, 0] <= wd - 2) & (uv[:, 1] >= 1) & (uv[:, 1] <= h - 2)
     idx = torch.nonzero(mask & inside).flatten()
     n = int(cfg.max_points)
@@ -139,10 +155,10 @@ def make_sample(renderer: DRRRenderer, surface: SurfacePoints, seed: int, config
     targets = pts[t_idx]
     if targets.shape[0] < cfg.n_targets:
         targets = torch.cat([targets, targets[: cfg.n_targets - targets.shape[0]]])
-    return {"xray": case.xray.float().reshape(h, wd), "drr": drr.reshape(h, wd), "K": proj.K[0], "R": proj.R[0],
+    return {"xray": xray.float().reshape(h, wd), "drr": drr.reshape(h, wd), "K": proj.K[0], "R": proj.R[0],
             "t": proj.t[0], "T_init": T_init, "T_gt": T_gt, "points": out_pts, "gradients": out_g, "uv": out_uv,
             "flow_gt": out_flow, "mask": out_mask, "targets": targets,
-            "initial_mtre": torch.tensor(case.initial_mtre_mm, dtype=torch.float64),
+            "initial_mtre": mtre(T_init, T_gt, pts).to(torch.float64),
             "vertebra": torch.tensor(int(vertebra), dtype=torch.int64)}
 
 
@@ -172,7 +188,8 @@ def read_manifest(root: str | Path) -> dict:
 def generate_split(root: str | Path, split: str, ct: Volume, rois: Mapping[str, Any], n_samples: int, *,
                    seed: int = 0, shard_size: int = 200, config: DatasetConfig | None = None,
                    variation: XRayVariation | None = None, source: Mapping[str, Any] | None = None,
-                   progress: bool = True, renderer: DRRRenderer | None = None) -> dict:
+                   progress: bool = True, renderer: DRRRenderer | None = None,
+                   part: tuple[int, int] = (0, 1)) -> dict:
     """Generate (or resume) one split of a data set.
 
     Args:
@@ -188,6 +205,8 @@ def generate_split(root: str | Path, split: str, ct: Volume, rois: Mapping[str, 
         source: free description of the data (paths of the CT and labels), stored in the manifest.
         progress: tqdm progress bar (stderr).
         renderer: a DRR renderer of ``ct`` (default: built here).
+        part: ``(k, m)``: this process makes only the shards ``i`` with ``i % m == k``, so that ``m`` processes
+            can generate one split side by side (the samples do not depend on who makes them).
     Returns:
         the split's manifest entry.
     Raises:
@@ -235,7 +254,11 @@ def generate_split(root: str | Path, split: str, ct: Volume, rois: Mapping[str, 
     def shard_name(i: int) -> str:
         return f"shard_{i:05d}.pt"
 
-    todo = [i for i in range(n_shards) if not (folder / shard_name(i)).is_file()]  # resume: shards are atomic
+    k_part, m_part = int(part[0]), int(part[1])
+    if not 0 <= k_part < m_part:
+        raise InputError(f"part must be (k, m) with 0 <= k < m, got {part}")
+    todo = [i for i in range(n_shards)  # resume: shards are written atomically, a finished one is kept
+            if i % m_part == k_part and not (folder / shard_name(i)).is_file()]
     total = sum(min(shard_size, n_samples - i * shard_size) for i in todo)
     bar = tqdm(total=total, desc=f"make-dataset {split}", unit="sample", disable=not progress)
 

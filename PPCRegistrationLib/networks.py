@@ -369,7 +369,7 @@ class LearnedOperator(nn.Module):
         hparams: the constructor arguments (stored in model files).
     """
 
-    def __init__(self, method: str = "ppc-flow-attention", network_pixel_mm: float = 380.0 / 128,
+    def __init__(self, method: str = "ppc-flow-attention", network_pixel_mm: float = 380.0 / 256,
                  sigma_px: float = 1.0, flow: dict | None = None, attention: dict | None = None) -> None:
         super().__init__()
         if method not in LEARNED_METHODS:

@@ -8,7 +8,16 @@
 :func:`operator_step` is the differentiable update of a batch of data set samples (the same computation the
 registration does with :class:`~PPCRegistrationLib.networks.LearnedMatcher` and ``solver="plain"``);
 :func:`compute_loss` the losses; :func:`train` the loop (Adam, checkpoints with resume, validation curves as
-CSV, progress bar, deterministic seeds).
+CSV and PNG, progress bar, deterministic seeds).
+
+**Several GPUs / nodes.** Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`train` joins
+the process group (``nccl`` on CUDA, ``gloo`` on the CPU), wraps the operator in DistributedDataParallel and
+gives every rank its own slice of each batch: all ranks draw the same ``batch_size`` sample indices from the
+same seeded generator and rank r trains on indices ``r, r + W, r + 2W, ...`` (W = world size). The effective
+(global) batch is therefore ``batch_size`` whatever the number of processes (each rank computes about
+``batch_size / W`` samples); the gradients are averaged over the ranks. Only rank 0 validates and writes files
+(checkpoint, CSV, PNG, models); a checkpoint is read by rank 0 and broadcast, so the ranks of several nodes
+need no shared folder. On CUDA, rank r uses the GPU ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ from typing import Any, Mapping
 import torch
 
 from .dataset import ShardDataset, sample_projection
-from .errors import InputError
+from .errors import InputError, PPCError
 from .geometry import centred_update
 from .metrics import mtre, reduction_factor
 from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
 from .ppc import solve_ppc
 
-__all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", "LEARNED_REGULARIZATION"]
+__all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", "LEARNED_REGULARIZATION",
+           "plot_curves", "DistInfo", "distributed_env", "init_distributed", "CURVE_FIELDS"]
 
 #: Tikhonov regularisation of the learned operator's PPC solve (relative to the mean eigenvalue); the
 #: registration's ``solver="plain"`` uses ``RegistrationConfig.damping_min``, which has the same value.
@@ -87,12 +97,24 @@ class TrainConfig:
         if self.lr <= 0:
             raise InputError("the learning rate must be positive")
 
-    def resolved_device(self) -> torch.device:
+    def resolved_device(self, local_rank: int | None = None) -> torch.device:
+        """The torch device; with ``local_rank`` (a torchrun process) a plain ``cuda``/``auto`` on a GPU machine
+        becomes ``cuda:<local_rank>``."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            if local_rank is None:
+                return torch.device(dev)
+        else:
+            dev = self.device
+        if dev.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device 'cuda' was requested but no CUDA GPU is available: use 'cpu' or 'auto'")
-        return torch.device(self.device)
+        if dev == "cuda" and local_rank is not None:
+            n = torch.cuda.device_count()
+            if not 0 <= local_rank < n:
+                raise InputError(f"LOCAL_RANK is {local_rank} but this node has {n} GPU(s): start at most {n} "
+                                 "processes per node (torchrun --nproc_per_node)")
+            return torch.device("cuda", local_rank)
+        return torch.device(dev)
 
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -195,23 +217,233 @@ def _init_from(op: LearnedOperator, path: str, device: torch.device) -> list[str
     return copied
 
 
+# ----------------------------------------------------------------------------- distributed training (torchrun)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 in a plain process).
+
+    rank, world_size, local_rank: as torchrun sets them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+    backend: ``nccl`` or ``gloo`` (None without a process group).
+    owns_group: :func:`init_distributed` created the process group (and :func:`train` destroys it at the end).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the environment torchrun sets; ``(0, 1, 0)`` without it."""
+
+    def get(name: str, default: int) -> int:
+        text = os.environ.get(name, "")
+        try:
+            return int(text) if text.strip() else default
+        except ValueError:
+            raise InputError(f"environment variable {name}={text!r} is not an integer") from None
+
+    return get("RANK", 0), max(1, get("WORLD_SIZE", 1)), get("LOCAL_RANK", 0)
+
+
+def init_distributed(config: TrainConfig) -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick this rank's device.
+
+    ``nccl`` on CUDA (GPU ``LOCAL_RANK``), ``gloo`` on the CPU; the rendezvous is torchrun's (``env://``:
+    ``MASTER_ADDR``, ``MASTER_PORT``). A process group that already exists is used as it is.
+    """
+    rank, world, local = distributed_env()
+    if world <= 1:
+        return DistInfo(), config.resolved_device()
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE > 1 (a torchrun launch) but this torch build has no torch.distributed")
+    device = config.resolved_device(local_rank=local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()), False), device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, backend, True), device
+
+
+def _on_main(dinfo: DistInfo, fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 and give its result to every rank; an error the user can fix (PPCError) on rank 0
+    is raised on every rank, so that all of them stop with the same message."""
+    result, error = None, None
+    if dinfo.is_main:
+        try:
+            result = fn()
+        except PPCError as exc:
+            error = exc
+    if dinfo.distributed:
+        import torch.distributed as dist
+
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _all_sum(dinfo: DistInfo, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over the ranks (the values themselves in a plain process)."""
+    if not dinfo.distributed:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.cpu()]
+
+
+# ----------------------------------------------------------------------------- curves
+
+#: columns of ``curves.csv`` (one row per validation).
+CURVE_FIELDS = ["iteration", "train_loss", "train_epe", "train_mtre", "val_epe", "val_mtre_before_mean",
+                "val_mtre_p50", "val_mtre_mean", "val_reduction_factor", "seconds"]
+
+
+def plot_curves(csv_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
+    """Draw ``curves.csv`` as a PNG (matplotlib, off-screen Agg canvas; the file is replaced atomically).
+
+    Three panels against the iteration: the training loss (mean over the steps since the previous
+    validation), the EPE (validation, and training for comparison; network pixels) and the validation mTRE
+    (mean and median after one update, and the mean before it; mm).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with Path(csv_path).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def col(name: str) -> list[float]:
+        out = []
+        for r in rows:
+            try:
+                out.append(float(r.get(name) or "nan"))
+            except ValueError:
+                out.append(math.nan)
+        return out
+
+    it = col("iteration")
+    fig = Figure(figsize=(13.5, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_epe, ax_mtre = fig.subplots(1, 3)
+    loss = col("train_loss")
+    ax_loss.plot(it, loss, "o-", ms=3, color="tab:blue", label="training loss")
+    finite = [v for v in loss if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:  # log scale once it spans a decade
+        ax_loss.set_yscale("log")
+    ax_loss.set_title("training loss (mean since the previous validation)", fontsize=10)
+    ax_epe.plot(it, col("val_epe"), "o-", ms=3, color="tab:orange", label="validation")
+    ax_epe.plot(it, col("train_epe"), "--", color="tab:gray", label="training")
+    ax_epe.set_title("EPE at the contour points [network px]", fontsize=10)
+    ax_mtre.plot(it, col("val_mtre_mean"), "o-", ms=3, color="tab:green", label="mean after one update")
+    ax_mtre.plot(it, col("val_mtre_p50"), "s-", ms=3, color="tab:olive", label="median after one update")
+    ax_mtre.plot(it, col("val_mtre_before_mean"), ":", color="tab:gray", label="mean before (initial)")
+    ax_mtre.set_title("validation mTRE [mm]", fontsize=10)
+    for ax in (ax_loss, ax_epe, ax_mtre):
+        ax.set_xlabel("iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    png = Path(png_path)
+    tmp = png.with_name(f"{png.stem}.tmp{os.getpid()}.png")
+    fig.savefig(str(tmp))
+    os.replace(tmp, png)
+    return png
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
 def train(config: TrainConfig, data_root: str | Path, out_dir: str | Path, *, train_split: str = "train",
           val_split: str = "val", resume: bool = True, progress: bool = True,
           log: Any = print) -> dict:
-    """Train one learned operator.
+    """Train one learned operator (in one process, or as one rank of a ``torchrun`` launch: see the module
+    docstring).
 
-    Writes to ``out_dir``: ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end; resumed from
-    when ``resume``), ``model.pt`` (the operator with the best validation score: mean mTRE after one update for
-    the PPC models, EPE for ``flow``), ``model_last.pt``, ``curves.csv`` (one row per validation) and
-    ``config.json``.
+    Writes to ``out_dir`` (rank 0 only): ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end;
+    resumed from when ``resume``, with the batch order continuing exactly), ``model.pt`` (the operator with the
+    best validation score: mean mTRE after one update for the PPC models, EPE for ``flow``), ``model_last.pt``,
+    ``curves.csv`` (one row per validation), ``curves.png`` (redrawn after each validation) and ``config.json``.
 
     Returns:
-        ``{"iterations", "best": {...validation numbers...}, "model": path, "seconds"}``.
+        ``{"iterations", "best": {...validation numbers...}, "model": path, "seconds", "rank", "world_size"}``
+        (``best`` is None on the ranks other than 0).
     """
-    cfg = config
-    device = cfg.resolved_device()
+    dinfo, device = init_distributed(config)
+    try:
+        return _train(config, dinfo, device, data_root, out_dir, train_split, val_split, resume, progress, log)
+    finally:
+        if dinfo.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _load_checkpoint(path: Path, method: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise InputError(f"cannot read the checkpoint {path} ({type(exc).__name__}: {str(exc)[:200]}); delete it "
+                         "or start afresh without resuming") from exc
+    if not isinstance(ck, dict) or not {"model", "optimizer", "iteration"} <= set(ck):
+        raise InputError(f"{path} is not a training checkpoint; delete it or use another output folder")
+    if ck.get("config", {}).get("method") != method:
+        raise InputError(f"{path} is a checkpoint of {ck.get('config', {}).get('method')!r}, not "
+                         f"{method!r}: use another output folder")
+    return ck
+
+
+def _truncate_curves(csv_path: Path, last_iteration: int) -> None:
+    """Drop the rows of validations after ``last_iteration`` (written after the checkpoint a run resumes from)."""
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    keep = [rows[0]] + [r for r in rows[1:] if r and float(r[0]) <= last_iteration]
+    if len(keep) != len(rows):
+        with csv_path.open("w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+
+
+def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: str | Path, out_dir: str | Path,
+           train_split: str, val_split: str, resume: bool, progress: bool, log: Any) -> dict:
+    main = dinfo.is_main
+    if not main:
+        progress = False
+
+        def log(*_a: Any, **_k: Any) -> None:  # noqa: F811 - only rank 0 talks
+            return None
+
+    world = dinfo.world_size
+    if cfg.batch_size < world:
+        raise InputError(f"the batch size ({cfg.batch_size}) must be at least the number of processes ({world}): "
+                         "every rank trains on its own part of each batch")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     train_data = ShardDataset(data_root, train_split)
     val_data = ShardDataset(data_root, val_split, limit=cfg.val_samples)
@@ -222,36 +454,53 @@ def train(config: TrainConfig, data_root: str | Path, out_dir: str | Path, *, tr
     start = 0
     best: dict | None = None
     ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(str(ckpt_path), map_location=device, weights_only=False)
-        if ck.get("config", {}).get("method") != cfg.method:
-            raise InputError(f"{ckpt_path} is a checkpoint of {ck.get('config', {}).get('method')!r}, not "
-                             f"{cfg.method!r}: use another output folder")
+    ck = _on_main(dinfo, lambda: _load_checkpoint(ckpt_path, cfg.method)) if resume else None
+    gen = torch.Generator()
+    if ck is not None:
         op.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start = int(ck["iteration"])
         best = ck.get("best")
+        if isinstance(ck.get("generator"), torch.Tensor):
+            gen.set_state(ck["generator"])  # the batch order continues exactly where it stopped
+        else:
+            gen.manual_seed(cfg.seed * 7919 + start)  # checkpoints written before the generator was stored
         log(f"resumed from {ckpt_path} at iteration {start}")
-    elif cfg.init:
-        copied = _init_from(op, cfg.init, device)
-        log(f"initialised {len(copied)} parameter tensors from {cfg.init}")
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "data": str(data_root), "train_split": train_split,
-                                                 "val_split": val_split, "train_samples": len(train_data)},
-                                                indent=2))
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
+    else:
+        gen.manual_seed(cfg.seed * 7919 + start)
+        if cfg.init:
+            copied = _on_main(dinfo, lambda: _init_from(op, cfg.init, device))  # DDP then copies rank 0's weights
+            log(f"initialised {len(copied)} parameter tensors from {cfg.init}")
+    del ck
+    model: torch.nn.Module = op
+    if dinfo.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(op, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(train_data)
+    csv_path = out / "curves.csv"
+    png_path = out / "curves.png"
+    fields = CURVE_FIELDS
+    if main:
+        (out / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "data": str(data_root), "train_split": train_split, "val_split": val_split,
+             "train_samples": n, "world_size": world, "effective_batch_size": cfg.batch_size,
+             "device_type": device.type}, indent=2))
+        if not csv_path.is_file() or start == 0:
+            with csv_path.open("w", newline="") as fh:
+                csv.writer(fh).writerow(fields)
+        else:
+            _truncate_curves(csv_path, start)
     meta_common = {"method": cfg.method, "data": str(data_root), "train_samples": n,
                    "train_vertebrae": train_data.vertebrae, "val_vertebrae": val_data.vertebrae,
                    "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                   "lambda_epe": cfg.lambda_epe, "device": str(device),
+                   "lambda_epe": cfg.lambda_epe, "device": str(device), "world_size": world,
                    "hardware": f"{platform.processor() or platform.machine()} x{os.cpu_count()} "
-                               f"torch {torch.__version__} threads {torch.get_num_threads()}"}
-    csv_path = out / "curves.csv"
-    fields = ["iteration", "train_loss", "train_epe", "train_mtre", "val_epe", "val_mtre_before_mean",
-              "val_mtre_p50", "val_mtre_mean", "val_reduction_factor", "seconds"]
-    if not csv_path.is_file() or start == 0:
-        with csv_path.open("w", newline="") as fh:
-            csv.writer(fh).writerow(fields)
+                               f"torch {torch.__version__} threads {torch.get_num_threads()}"
+                               + (f" x {world} processes ({dinfo.backend})" if world > 1 else "")}
+    if world > 1:
+        log(f"distributed training: {world} processes ({dinfo.backend}), {cfg.batch_size} samples per step in "
+            f"all (about {cfg.batch_size / world:g} per process)")
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -260,42 +509,57 @@ def train(config: TrainConfig, data_root: str | Path, out_dir: str | Path, *, tr
     op.train()
     bar = tqdm(range(start, cfg.iterations), desc=f"train {cfg.method}", unit="it", disable=not progress,
                initial=start, total=cfg.iterations)
-    it = start
+    title = f"{cfg.method}: {n} training samples ({', '.join(train_data.vertebrae)}), batch {cfg.batch_size}, " \
+            f"lr {cfg.lr:g}"
     for it in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
-        batch = _to(_collate([train_data[j] for j in idx]), device)
-        st = operator_step(op, batch, solve=cfg.method != "flow")
+        mine = idx[dinfo.rank::world]  # this rank's part of the (global) batch
+        batch = _to(_collate([train_data[j] for j in mine]), device)
+        st = operator_step(model, batch, solve=cfg.method != "flow")
         loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(op.parameters(), cfg.grad_clip)
         opt.step()
-        run_loss += float(loss.detach())
-        run_epe += float(st["epe"].mean())
-        run_mtre += float(st["mtre_after"].mean()) if "mtre_after" in st else math.nan
-        run_n += 1
+        k = len(mine)
+        run_loss += float(loss.detach()) * k
+        run_epe += float(st["epe"].detach().mean()) * k
+        run_mtre += (float(st["mtre_after"].detach().mean()) if "mtre_after" in st else math.nan) * k
+        run_n += k
         if progress:
             bar.set_postfix(loss=f"{run_loss / run_n:.3f}", epe=f"{run_epe / run_n:.2f}px")
         step = it + 1
         if step % cfg.val_every == 0 or step == cfg.iterations:
-            v = validate(op, val_data, cfg.val_samples, cfg.batch_size, device)
-            row = {"iteration": step, "train_loss": run_loss / run_n, "train_epe": run_epe / run_n,
-                   "train_mtre": run_mtre / run_n, **v, "seconds": time.perf_counter() - t0}
-            with csv_path.open("a", newline="") as fh:
-                csv.writer(fh).writerow([row[f] for f in fields])
+            tot_loss, tot_epe, tot_mtre, tot_n = _all_sum(dinfo, [run_loss, run_epe, run_mtre, float(run_n)], device)
             run_loss = run_epe = run_mtre = 0.0
             run_n = 0
-            score = v["val_epe"] if cfg.method == "flow" else v["val_mtre_mean"]
-            if best is None or score < best["score"]:
-                best = {"score": score, "iteration": step, **v}
-                save_model(out / "model.pt", op, {**meta_common, "iterations": step, "validation": v})
-            log(f"[{step}] loss {row['train_loss']:.3f} val EPE {v['val_epe']:.2f}px mTRE "
-                f"{v['val_mtre_before_mean']:.2f} -> {v['val_mtre_mean']:.2f} mm (p50 {v['val_mtre_p50']:.2f})")
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+            if main:
+                v = validate(op, val_data, cfg.val_samples, cfg.batch_size, device)
+                row = {"iteration": step, "train_loss": tot_loss / tot_n, "train_epe": tot_epe / tot_n,
+                       "train_mtre": tot_mtre / tot_n, **v, "seconds": time.perf_counter() - t0}
+                with csv_path.open("a", newline="") as fh:
+                    csv.writer(fh).writerow([row[f] for f in fields])
+                try:
+                    plot_curves(csv_path, png_path, title)
+                except Exception as exc:  # noqa: BLE001 - a picture must not stop a long training run
+                    log(f"warning: could not draw {png_path}: {type(exc).__name__}: {exc}")
+                score = v["val_epe"] if cfg.method == "flow" else v["val_mtre_mean"]
+                if best is None or score < best["score"]:
+                    best = {"score": score, "iteration": step, **v}
+                    save_model(out / "model.pt", op, {**meta_common, "iterations": step, "validation": v})
+                log(f"[{step}] loss {row['train_loss']:.3f} val EPE {v['val_epe']:.2f}px mTRE "
+                    f"{v['val_mtre_before_mean']:.2f} -> {v['val_mtre_mean']:.2f} mm (p50 {v['val_mtre_p50']:.2f})")
+        if main and (step % cfg.checkpoint_every == 0 or step == cfg.iterations):
             _atomic_save({"model": op.state_dict(), "optimizer": opt.state_dict(), "iteration": step,
-                          "config": asdict(cfg), "best": best}, ckpt_path)
+                          "config": asdict(cfg), "best": best, "generator": gen.get_state(),
+                          "world_size": world}, ckpt_path)
     bar.close()
-    save_model(out / "model_last.pt", op, {**meta_common, "iterations": cfg.iterations})
-    return {"iterations": cfg.iterations, "best": best, "model": str(out / "model.pt"),
-            "seconds": time.perf_counter() - t0}
+    if main:
+        save_model(out / "model_last.pt", op, {**meta_common, "iterations": cfg.iterations})
+    if dinfo.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank leaves after rank 0 has written its files
+    return {"iterations": cfg.iterations, "best": best if main else None, "model": str(out / "model.pt"),
+            "seconds": time.perf_counter() - t0, "rank": dinfo.rank, "world_size": world}
