@@ -33,10 +33,14 @@ from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# Method ids (as the library names them) and the labels shown in the GUI; kept here (not imported from the
-# logic package) so that the GUI can be built before torch is installed.
-METHOD_LABELS = [("classic", "Classic PPC"), ("flow", "Flow"), ("ppc_flow", "PPC Flow"),
-                 ("ppc_flow_attention", "PPC Flow Attention")]
+# Method ids (as PPCRegistrationLib.methods names them) and the labels shown in the GUI; kept here (not imported
+# from the library) so that the GUI can be built before torch is installed.  The learned ones need a model file
+# (default Resources/Models/<learned>.pt shipped with the module); "+ classic" runs learned updates first, then
+# classic refinement.
+METHOD_LABELS = [("classic", "Classic PPC"), ("flow", "Flow"), ("ppc-flow", "PPC Flow"),
+                 ("ppc-flow-attention", "PPC Flow Attention"), ("flow+classic", "Flow + classic refinement"),
+                 ("ppc-flow+classic", "PPC Flow + classic refinement"),
+                 ("ppc-flow-attention+classic", "PPC Flow Attention + classic refinement")]
 DEVICE_LABELS = [("auto", "auto"), ("cpu", "CPU"), ("cuda", "CUDA")]
 
 SAMPLE_CT_NAME = "PPCRegistrationChestCT"
@@ -311,7 +315,8 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.deviceComboBox, p.device)):
+        method = (p.method or "classic").strip().lower().replace("_", "-")  # scenes saved with "ppc_flow"
+        for combo, value in ((self.ui.methodComboBox, method), (self.ui.deviceComboBox, p.device)):
             index = combo.findData(value)
             if index >= 0 and combo.currentIndex != index:
                 wasBlocked = combo.blockSignals(True)
@@ -319,9 +324,14 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.blockSignals(wasBlocked)
         if self.ui.modelPathLineEdit.currentPath != p.modelPath:
             self.ui.modelPathLineEdit.currentPath = p.modelPath
-        learned = p.method != "classic"
+        learned = method != "classic"
         self.ui.modelPathLineEdit.enabled = learned
         self.ui.modelPathLabel.enabled = learned
+        default = self.logic.defaultModelPath(method) if learned else ""
+        self.ui.modelPathLineEdit.toolTip = (
+            "Weights of the learned operator (.pt). Empty: the model shipped with the module"
+            + (f" ({default})." if default else
+               " (Resources/Models/<method>.pt; not installed: train one with `ppcreg train`)." if learned else "."))
 
         roi = p.roiNode
         isSegmentation = roi is not None and roi.IsA("vtkMRMLSegmentationNode")
@@ -464,7 +474,7 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showState(self, state) -> None:
         s = coreLogicModule().stateSummary(state)
-        self.ui.iterationLabel.text = str(s["iteration"])
+        self.ui.iterationLabel.text = str(s["iteration"]) + (f" ({s['operator']})" if s.get("operator") else "")
         self.ui.updateLabel.text = f"{s['update_mm']:.3f} mm, {s['update_deg']:.3f}°"
         self.ui.contourLabel.text = str(s["n_contour"])
         self.ui.weightLabel.text = f"{s['mean_weight']:.2f}"
@@ -560,7 +570,8 @@ class PPCRegistrationLogic(ScriptedLoadableModuleLogic):
         elif roi is not None and roi.IsA("vtkMRMLLabelMapVolumeNode"):
             ids = [int(v) for v in p.labelValues.replace(";", ",").replace(" ", ",").split(",") if v.strip()]
             kwargs.update(labelmapNode=roi, labelIds=ids)
-        modelPath = p.modelPath or self.defaultModelPath(p.method)
+        # an empty model path: the library loads Resources/Models/<learned>.pt (or says clearly that it is missing)
+        modelPath = p.modelPath or None
         session = core.PPCRegistrationCoreLogic(slicer.mrmlScene)
         session.setup(p.ctVolume, p.xrayVolume, projection, sddMM=p.sddMM if p.geometryFromXray else None,
                       initialTransformNode=p.initialTransform, groundTruthTransformNode=p.groundTruthTransform,
@@ -589,15 +600,17 @@ class PPCRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def defaultModelPath(method: str) -> str:
-        """The weights shipped with the module for a learned method ('' for classic or when absent)."""
-        if method == "classic":
+        """The weights shipped with the module for a learned or chained method ('' for classic or when absent);
+        the same file PPCRegistrationLib.methods.default_model_path names (Resources/Models next to the library:
+        the extension's, or the repository's when the module runs from the source tree)."""
+        learned = (method or "classic").strip().lower().replace("_", "-").split("+")[0]
+        if learned == "classic":
             return ""
         for folder in (os.path.join(MODULE_DIR, "Resources", "Models"),
-                       os.path.join(os.path.dirname(MODULE_DIR), "Resources")):
-            for ext in (".pt", ".pth"):
-                path = os.path.join(folder, method + ext)
-                if os.path.exists(path):
-                    return path
+                       os.path.join(os.path.dirname(MODULE_DIR), "Resources", "Models")):
+            path = os.path.join(folder, learned + ".pt")
+            if os.path.exists(path):
+                return path
         return ""
 
 

@@ -10,6 +10,10 @@ Subcommands (``ppcreg <command> --help`` for the options of each):
 * ``evaluate``: the evaluation protocol of DESIGN.md §4 (:mod:`PPCRegistrationLib.evaluation`).
 * ``bench``: timings of the DRR renderer and of the stages of one classic update step.
 
+``register`` and ``evaluate`` take the methods of :mod:`PPCRegistrationLib.methods`: ``classic``, the learned
+``flow``, ``ppc-flow``, ``ppc-flow-attention`` (model files, default ``Resources/Models/<learned>.pt``) and the
+chained ``<learned>+classic``.
+
 World coordinates are those of the CT file as SimpleITK reads it (LPS millimetres).  Transform and geometry
 files that say ``"frame": "RAS"`` (e.g. written from Slicer) are converted to LPS on reading.
 
@@ -301,20 +305,25 @@ def _history_row(st) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()}
 
 
-def _iteration_line(st) -> str:
+def _iteration_line(st, show_operator: bool = False) -> str:
     mt = f"  mTRE {st.mtre_mm:7.3f} mm" if st.mtre_mm is not None else ""
     extra = f"  [{st.status}]" if st.status != "running" else ""
-    return (f"iteration {st.iteration:3d}{mt}  update {st.update_mm:7.3f} mm {st.update_deg:6.3f} deg  "
+    op = f"  {getattr(st, 'operator', '') or '?':<18}" if show_operator else ""
+    return (f"iteration {st.iteration:3d}{op}{mt}  update {st.update_mm:7.3f} mm {st.update_deg:6.3f} deg  "
             f"contour points {st.n_contour:5d}  mean weight {st.mean_weight:.3f}  {st.seconds:6.3f} s{extra}")
 
 
 def _cmd_register(args) -> int:
     torch = _torch()
     from . import formats, io, viz
+    from .methods import normalize_method, resolve_method
     from .metrics import mrpd
-    from .registration import Registration, RegistrationConfig
+    from .registration import RegistrationConfig
 
     out = Path(args.out).expanduser()
+    method_name = normalize_method(args.method)
+    if args.model and method_name == "classic":
+        raise InputError("--model is for the learned methods; method 'classic' uses no model file")
     xray_path = _check_file(args.xray, "X-ray")
     geometry_path = _check_file(args.geometry, "geometry")
     init_path = _check_file(args.init, "initial transform")
@@ -327,13 +336,15 @@ def _cmd_register(args) -> int:
     if (proj.height, proj.width) != (xray.height, xray.width):
         raise InputError(f"the X-ray {xray_path} has {xray.height}x{xray.width} pixels (rows x columns) but the "
                          f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
-    ct, roi, desc = _load_ct_and_roi(args)
-    cfg = RegistrationConfig(method=args.method, max_iterations=args.iterations, tolerance_mm=args.tolerance,
+    cfg = RegistrationConfig(method=method_name, max_iterations=args.iterations, tolerance_mm=args.tolerance,
                              device=args.device)
-    if args.method != "classic":
-        raise InputError(f"method {args.method!r} is not available; available: classic")
-    reg = Registration(ct, xray.image, proj, T_init, roi, cfg, T_gt=T_gt)
+    method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
+                            device=cfg.resolved_device(), learned_steps=args.learned_steps)
+    ct, roi, desc = _load_ct_and_roi(args)
+    reg = method.registration(ct, xray.image, proj, T_init, roi, cfg, T_gt=T_gt)
     mtre0 = reg.mtre(reg.T_init)
+    if method.model_path is not None:
+        _say(f"method {method_name}: model {method.model_path}")
     _say(f"registering {desc['ct']} to {xray_path}: {len(reg.surface)} surface points, device {reg.device}, "
          f"at most {args.iterations} iterations"
          + (f"; initial mTRE {mtre0:.3f} mm" if mtre0 is not None else ""))
@@ -348,7 +359,7 @@ def _cmd_register(args) -> int:
         if st.mtre_mm is not None:
             bar.set_postfix(mTRE=f"{st.mtre_mm:.2f}mm")
         if not args.quiet:
-            tqdm.write(_iteration_line(st), file=sys.stdout)
+            tqdm.write(_iteration_line(st, method.chained), file=sys.stdout)
 
     try:
         result = reg.run(callback=callback)
@@ -366,9 +377,13 @@ def _cmd_register(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = {"registration": cfg.to_dict(), "inputs": {**desc, "xray": xray_path, "geometry": geometry_path,
                                                          "init": init_path, "gt": gt_path},
-              "status": result.status, "message": result.message}
+              "status": result.status, "message": result.message,
+              "model": None if method.model_path is None else str(method.model_path)}
+    if method.chained:
+        config.update(learned_steps=method.learned_steps, switch_mm=method.switch_mm,
+                      operators=[st.operator for st in result.history])
     formats.save_result(out / "result.json", formats.ResultRecord(
-        final_transform=T_final, initial_transform=T_init, method=args.method, frame="LPS",
+        final_transform=T_final, initial_transform=T_init, method=method_name, frame="LPS",
         history=[_history_row(st) for st in result.history], metrics=metrics, config=config))
     formats.save_transform(out / "transform.json", T_final, frame="LPS")
 
@@ -397,7 +412,7 @@ def _cmd_register(args) -> int:
                        None if last is None else last.uv.double() - shift,
                        None if last is None else last.uv_matched.double() - shift,
                        None if last is None else last.weights, titles=(t_init, t_fin),
-                       suptitle=f"{args.method} PPC: {result.status} after {result.iterations} iterations"
+                       suptitle=f"{method_name}: {result.status} after {result.iterations} iterations"
                                 + ("" if (u0, v0, u1, v1) == (0, 0, xray.width, xray.height)
                                    else f" (detector pixels u {u0}-{u1 - 1}, v {v0}-{v1 - 1})"))
     _say(f"status: {result.status} after {result.iterations} iterations in {result.seconds:.2f} s"
@@ -414,15 +429,31 @@ def _cmd_register(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate, write_report
+    from .methods import learned_part, parse_methods, resolve_method
 
     out = Path(args.out).expanduser()
+    methods = parse_methods(args.methods)
+    models: dict[str, str] = {}
+    for item in args.model or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"--model takes METHOD=FILE (e.g. ppc-flow=models/ppc-flow.pt), got {item!r}")
+        if learned_part(name) is None:
+            raise InputError(f"--model {item}: method {name.strip()!r} uses no model file")
+        models[learned_part(name)] = path.strip()
+    # check the model files before reading the CT (a missing model is the likelier mistake, and cheap to find)
+    for m in methods:
+        if learned_part(m) is not None:
+            resolve_method(m, model_path=models.get(learned_part(m)), models_dir=args.models_dir, device="cpu")
+    iterations = 1 if args.one_update else args.iterations
     ct, roi, desc = _load_ct_and_roi(args)
     lo, hi = _mtre_range(args)
     from .simulation import XRayVariation
 
-    result = evaluate(ct, roi, methods=args.methods, n_cases=args.cases, seed=args.seed, mtre_range=(lo, hi),
-                      iterations=args.iterations, detector_px=args.detector_px, tolerance_mm=args.tolerance,
+    result = evaluate(ct, roi, methods=methods, n_cases=args.cases, seed=args.seed, mtre_range=(lo, hi),
+                      iterations=iterations, detector_px=args.detector_px, tolerance_mm=args.tolerance,
                       device=args.device, variation=XRayVariation.none() if args.no_variation else None,
+                      models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
                       progress=not args.quiet)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
@@ -549,6 +580,11 @@ def _cmd_bench(args) -> int:
 # ============================================================================= parser
 
 
+_METHODS_HELP = ("classic; the learned flow, ppc-flow, ppc-flow-attention (need model files, see `ppcreg train`); "
+                 "chained <learned>+classic, e.g. ppc-flow-attention+classic (learned updates, then classic "
+                 "refinement)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppcreg",
@@ -605,7 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--geometry", required=True, metavar="G.json", help="C-arm geometry (ppcreg-geometry JSON)")
     g.add_argument("--init", required=True, metavar="T.json", help="initial transform (ppcreg-transform JSON)")
     g.add_argument("--gt", metavar="T_gt.json", help="ground-truth transform, to report the mTRE")
-    p.add_argument("--method", default="classic", help="update operator (default classic)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="classic", metavar="METHOD",
+                   help=f"update operator: {_METHODS_HELP} (default classic)")
+    g.add_argument("--model", metavar="FILE",
+                   help="model file of a learned method (default Resources/Models/<learned>.pt of the repository, "
+                        "or in --models-dir)")
+    g.add_argument("--models-dir", metavar="DIR", help="folder of the default model files <learned>.pt")
+    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=10, metavar="K",
+                   help="chained methods: at most this many learned updates before the classic ones (default 10; "
+                        "they switch earlier after a learned update below 0.5 mm)")
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
@@ -618,9 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("evaluate", help="evaluation protocol on simulated cases (DESIGN.md §4)",
-                       description="Simulate N cases (seeds SEED..SEED+N-1) and register each with every method; "
-                                   "report the mTRE after one update and after the iterative registration. "
-                                   "Writes cases.json, cases.csv, summary.json, summary.md and scatter plots.")
+                       description="Simulate N cases (seeds SEED..SEED+N-1) and register each with every method "
+                                   "(the same cases for all); report the mTRE after one update (Table 1 of the "
+                                   "paper) and after the iterative registration. Writes cases.json, cases.csv, "
+                                   "summary.json, summary.md and the scatter plots scatter_one_update.png and "
+                                   "scatter_final.png (Fig. 2 of the paper, one panel per method). Example: "
+                                   "ppcreg evaluate --sample --methods classic,ppc-flow,ppc-flow-attention+classic "
+                                   "--cases 100 --out eval")
     _add_ct_roi_args(p)
     p.add_argument("--cases", type=_positive_int("--cases"), default=100, help="number of cases (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
@@ -629,7 +678,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05, help="mm (default 0.05)")
-    p.add_argument("--methods", nargs="+", default=["classic"], help="methods to compare (default classic)")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", nargs="+", default=["classic"], metavar="M",
+                   help=f"methods to compare, separated by commas or blanks: {_METHODS_HELP} (default classic)")
+    g.add_argument("--model", action="append", metavar="METHOD=FILE",
+                   help="model file of a learned method (repeatable), e.g. ppc-flow=runs/ppc-flow/model.pt; default "
+                        "<models-dir>/<learned>.pt")
+    g.add_argument("--models-dir", metavar="DIR",
+                   help="folder of the default model files <learned>.pt (default Resources/Models of the repository)")
+    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=10, metavar="K",
+                   help="chained methods: at most this many learned updates before the classic ones (default 10)")
+    p.add_argument("--one-update", action="store_true",
+                   help="one update per case only (iterations = 1): the paper's Table 1, cheap for many cases")
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--no-variation", action="store_true", help="X-rays without noise/contrast variation")

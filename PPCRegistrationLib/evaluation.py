@@ -28,14 +28,17 @@ from .drr import DRRRenderer
 from .errors import InputError
 from .features import SurfacePoints, extract_surface_points
 from .metrics import mrpd, mtre, summarize
+from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, models_from_mapping, \
+    normalize_method, resolve_method
 from .registration import Matcher, Registration, RegistrationConfig
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
 __all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS"]
 
-#: methods that need no extra model (learned methods are passed in through ``matchers``)
-AVAILABLE_METHODS = ("classic",)
+#: method names :func:`evaluate` knows (learned and chained ones need their model files, see
+#: :mod:`PPCRegistrationLib.methods`); any other 2D matching step can be passed in through ``matchers``
+AVAILABLE_METHODS = ALL_METHODS
 
 #: keys every per-method summary has (from :func:`metrics.summarize`), for "one_update" and "final"
 SUMMARY_KEYS = ("mtre_p50", "mtre_p75", "mtre_p95", "mtre_mean", "mtre_sd", "reduction_factor_mean",
@@ -65,6 +68,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              mtre_range: tuple[float, float] = (0.0, 20.0), iterations: int = 30, *, detector_px: int = 256,
              tolerance_mm: float = 0.05, device: str = "cpu", variation: XRayVariation | None = None,
              views: ViewSampler | None = None, matchers: Mapping[str, Matcher] | None = None,
+             models: Mapping[str, str | Path] | None = None, models_dir: str | Path | None = None,
+             learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
              config: RegistrationConfig | None = None, renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None) -> dict:
@@ -74,17 +79,23 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         ct: the CT (HU).
         roi: region of interest (``BoxROI`` / ``LabelROI``) or None (whole CT); its surface points are the
             mTRE targets and the registration features.
-        methods: method names, evaluated on the same cases; ``"classic"`` or a key of ``matchers``.
+        methods: method names, evaluated on the same cases: any of :data:`AVAILABLE_METHODS` (``classic``,
+            ``flow``, ``ppc-flow``, ``ppc-flow-attention`` and the chained ``<learned>+classic``), or a key of
+            ``matchers``.
         n_cases: number of simulated cases (seeds ``seed`` .. ``seed + n_cases - 1``).
         seed: seed of the first case.
         mtre_range: ``(lo, hi)`` mm, initial mTRE drawn uniformly in it.
-        iterations: maximum number of updates of the iterative registration.
+        iterations: maximum number of updates of the iterative registration; 1 = one update only (Table 1 of
+            the paper, cheap enough for hundreds of cases; the report then leaves out the iterated table).
         detector_px: detector size (pixels, square) of the simulated C-arm (ignored when ``views`` is given).
         tolerance_mm: convergence tolerance of the registration (mm).
         device: "cpu", "cuda" or "auto".
         variation: appearance variation of the simulated X-rays (default :class:`XRayVariation`).
         views: the random C-arm views (default ``ViewSampler(detector_size_px=detector_px)``).
-        matchers: method name -> 2D matching step (e.g. a learned operator); "classic" needs none.
+        matchers: method name -> 2D matching step of a custom method (run with the base settings).
+        models: method (or learned operator) name -> model file; default ``<models_dir>/<learned>.pt``.
+        models_dir: folder of the default model files (default ``Resources/Models`` of the repository).
+        learned_steps, switch_mm: when the chained methods switch to classic refinement.
         config: base registration settings (``max_iterations``, ``tolerance_mm``, ``device`` are overridden).
         renderer, surface: precomputed DRR renderer / surface points of this CT and ROI.
         progress: show a tqdm progress bar over the cases (on stderr).
@@ -95,15 +106,23 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         (the dicts of :func:`metrics.summarize`: ``mtre_p50`` ... ``seconds_per_case``) and
         ``"status_counts"``.
     Raises:
-        InputError: bad parameters or an unknown method.
+        InputError: bad parameters or an unknown method.  ModelFileError: a missing or damaged model file
+            (checked before any case is simulated).
     """
-    methods = list(dict.fromkeys(methods))
     matchers = dict(matchers or {})
+    names: list[str] = []
+    for m in methods:
+        if m not in matchers:
+            try:
+                m = normalize_method(m)
+            except InputError:
+                raise InputError(f"unknown method {m!r}; available: "
+                                 f"{', '.join(list(AVAILABLE_METHODS) + list(matchers))}") from None
+        if m not in names:
+            names.append(m)
+    methods = names
     if not methods:
         raise InputError("give at least one method to evaluate")
-    for m in methods:
-        if m not in AVAILABLE_METHODS and m not in matchers:
-            raise InputError(f"unknown method {m!r}; available: {', '.join(list(AVAILABLE_METHODS) + list(matchers))}")
     if n_cases < 1:
         raise InputError(f"the number of cases must be at least 1, got {n_cases}")
     if iterations < 1:
@@ -115,6 +134,18 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     cfg = RegistrationConfig(**{**base.to_dict(), "max_iterations": int(iterations),
                                 "tolerance_mm": float(tolerance_mm), "device": device})
     dev = cfg.resolved_device()
+    # the learned operators are loaded (and their files checked) once, before any case is simulated
+    model_files = models_from_mapping(models)
+    resolved: dict[str, Method | Matcher] = {}
+    for m in methods:
+        if m in matchers:
+            resolved[m] = matchers[m]
+        else:
+            learned = m.split("+")[0]
+            resolved[m] = resolve_method(m, model_path=model_files.get(learned), models_dir=models_dir, device=dev,
+                                         learned_steps=learned_steps, switch_mm=switch_mm)
+    model_info = {m: {"file": str(r.model_path), "meta": r.model_meta or {}} for m, r in resolved.items()
+                  if isinstance(r, Method) and r.model_path is not None}
     views = views or ViewSampler(detector_size_px=int(detector_px))
     if surface is None:
         surface = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points,
@@ -135,7 +166,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         rec: dict[str, Any] = {"case": i, "seed": case_seed, "initial_mtre_mm": case.initial_mtre_mm,
                                "view": case.view, "methods": {}}
         for m in methods:
-            rec["methods"][m] = _run_method(ct, case, roi, cfg, matchers.get(m), surface, renderer)
+            rec["methods"][m] = _run_method(ct, case, roi, cfg, resolved[m], surface, renderer)
         records.append(rec)
         if progress:
             bar.set_postfix({m: f"{rec['methods'][m]['mtre_final_mm']:.2f}mm" for m in methods[:2]})
@@ -160,17 +191,23 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
-                   "roi": repr(roi) if roi is not None else "whole CT",
+                   "roi": repr(roi) if roi is not None else "whole CT", "one_update_only": int(iterations) == 1,
+                   "models": {m: v["file"] for m, v in model_info.items()},
+                   "learned_steps": int(learned_steps), "switch_mm": float(switch_mm),
                    "seconds_total": time.perf_counter() - t_start},
         "cases": records,
         "summary": summary,
     }
 
 
-def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, matcher, surface: SurfacePoints,
+def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method | Matcher, surface: SurfacePoints,
                 renderer: DRRRenderer) -> dict:
-    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt, matcher=matcher,
-                       surface=surface, renderer=renderer)
+    if isinstance(method, Method):
+        reg = method.registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
+                                  surface=surface, renderer=renderer)
+    else:  # a custom 2D matching step
+        reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt, matcher=method,
+                           surface=surface, renderer=renderer)
     res = reg.run()
     targets = case.targets.to(torch.float64)
     T_gt = case.T_gt.to(torch.float64)
@@ -214,6 +251,8 @@ def summary_markdown(result: Mapping) -> str:
         "",
         "## After one update (as Table 1 of the paper)",
         "",
+        *([f"Model files: {', '.join(f'{m}: {p}' for m, p in cfg['models'].items())}.", ""]
+          if cfg.get("models") else []),
         "| model | mTRE p50 | p75 | p95 | mTRE mean ± sd [mm] | reduction factor | mRPD mean [mm] |",
         "|---|---|---|---|---|---|---|",
         f"| initial | {_fmt(ini['mtre_p50'])} | {_fmt(ini['mtre_p75'])} | {_fmt(ini['mtre_p95'])} | "
@@ -225,6 +264,11 @@ def summary_markdown(result: Mapping) -> str:
                      f"{_pm(o['mtre_mean'], o['mtre_sd'])} | "
                      f"{_pm(o['reduction_factor_mean'], o.get('reduction_factor_sd', math.nan))} | "
                      f"{_fmt(o['mrpd_mean'])} |")
+    rf_note = ("Reduction factor of a case = 1 − mTRE_after / mTRE_before when the error decreased, 0 when it grew.")
+    if cfg.get("one_update_only", cfg["iterations"] == 1):
+        lines += ["", rf_note, "One update only (iterations = 1): no iterated registration.", ""]
+        return "\n".join(lines)
+    chained = [m for m in summ["methods"] if "+" in m]
     lines += [
         "",
         f"## Iterated registration (at most {cfg['iterations']} updates, tolerance {cfg['tolerance_mm']:g} mm)",
@@ -242,8 +286,12 @@ def summary_markdown(result: Mapping) -> str:
                      f"{_fmt(100 * f['success_2mm'], 0)} % | {_fmt(100 * f['success_5mm'], 0)} % | "
                      f"{_fmt(f['mrpd_mean'])} | {_fmt(f.get('iterations_mean', math.nan), 1)} | "
                      f"{_fmt(f['seconds_per_case'], 3)} | {status} |")
-    lines += ["", "Reduction factor of a case = 1 − mTRE_after / mTRE_before when the error decreased, 0 when it grew. "
-              "Seconds per case: median wall time.", ""]
+    lines += ["", rf_note + " Seconds per case: median wall time."]
+    if chained:
+        lines += [f"Chained methods ({', '.join(chained)}): learned updates first (at most "
+                  f"{cfg.get('learned_steps', '?')}, or until a learned update is below {cfg.get('switch_mm', '?')} "
+                  "mm), then classic PPC updates."]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ STATUSES = ("running", "converged", "max_iterations", "diverged", "stopped", "ra
 class RegistrationConfig:
     """Parameters of the registration (units in the names).
 
-    method: ``"classic"`` (learned methods are added by :mod:`PPCRegistrationLib.learned`).
+    method: the method's name (:mod:`PPCRegistrationLib.methods` builds learned and chained registrations).
     max_iterations: maximum number of updates.
     tolerance_mm: stop when an update moves the target points by less than this (mean, mm).
     n_points: budget of surface points extracted from the region of interest.
@@ -121,7 +121,8 @@ class IterationState:
     points_3d ``(N, 3)`` contour points in the CT frame (mm, before T); uv ``(N, 2)`` their projections at the
     estimate used for this update and uv_matched ``(N, 2)`` their correspondences (pixels, u = column);
     weights ``(N,)`` in [0, 1]; drr ``(H, W)`` the DRR at that estimate (full detector, zero outside the
-    rendered window); T ``(4, 4)`` the estimate after the update.
+    rendered window); T ``(4, 4)`` the estimate after the update; operator: the method of the configuration
+    that made the update (a chained pipeline switches from a learned one to ``classic``).
     """
 
     iteration: int
@@ -140,12 +141,14 @@ class IterationState:
     drr: torch.Tensor
     status: str = "running"
     message: str = ""
+    operator: str = ""
 
     def summary(self) -> dict:
         """Scalars only (for JSON and logs)."""
         return {"iteration": self.iteration, "update_mm": self.update_mm, "update_deg": self.update_deg,
                 "n_contour": self.n_contour, "mean_weight": self.mean_weight, "seconds": self.seconds,
-                "similarity": self.similarity, "mtre_mm": self.mtre_mm, "status": self.status}
+                "similarity": self.similarity, "mtre_mm": self.mtre_mm, "status": self.status,
+                "operator": self.operator}
 
 
 @dataclass
@@ -263,8 +266,8 @@ class Registration:
                                      surface.gradients.to(self.device, torch.float64))
         self.targets = self.surface.points
         if matcher is None and self.config.method != "classic":
-            raise InputError(f"method {self.config.method!r} needs a learned 2D matching model, which this version "
-                             "does not provide yet: use method 'classic'")
+            raise InputError(f"method {self.config.method!r} needs a learned 2D matching model: build the "
+                             "registration with PPCRegistrationLib.methods.build_registration (or pass a matcher)")
         self.matcher: Matcher = matcher or ClassicMatcher()
         self.reset()
 
@@ -409,6 +412,7 @@ class Registration:
 
         def finish(status: str, message: str, T_new: torch.Tensor, **kw) -> IterationState:
             st = IterationState(iteration=it, T=T_new.detach().cpu().clone(), status=status, message=message,
+                                operator=cfg.method,
                                 seconds=time.perf_counter() - t0, mtre_mm=self.mtre(T_new), **kw)
             self.history.append(st)
             self.status = status

@@ -86,29 +86,45 @@ def overlay_figure(path: str | Path, xray: torch.Tensor, drr_initial: torch.Tens
 
 
 def scatter_plot(path: str | Path, results: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                 ylabel: str = "mTRE after [mm]", title: str = "") -> Path:
-    """Initial vs final mTRE, one panel per method (as Fig. 2 of the paper).
+                 ylabel: str = "mTRE after [mm]", title: str = "", max_columns: int = 4) -> Path:
+    """Initial vs final mTRE, one panel per method (as Fig. 2 of the paper), all panels on the same axes.
+
+    Cases whose error after the update lies above the axes (beyond the largest initial error or the 98th
+    percentile of the errors after) are drawn on the top edge as red triangles, so that none disappears.
 
     Args:
         results: method name -> (initial mTRE list, final mTRE list), mm.
+        max_columns: panels per row.
     """
     plt = _plt()
     n = max(1, len(results))
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), dpi=100, squeeze=False)
+    cols = min(n, max(1, int(max_columns)))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), dpi=100, squeeze=False)
     lim = 1.0
     for ini, fin in results.values():
         if len(ini):
-            lim = max(lim, float(np.max(ini)), float(np.percentile(fin, 98)) if len(fin) else 0)
-    for ax, (name, (ini, fin)) in zip(axes[0], results.items()):
-        ini_a, fin_a = np.asarray(ini), np.asarray(fin)
-        ax.scatter(ini_a, fin_a, s=8, alpha=0.6)
+            fin_f = np.asarray(fin, dtype=float)
+            fin_f = fin_f[np.isfinite(fin_f)]
+            lim = max(lim, float(np.nanmax(ini)), float(np.percentile(fin_f, 98)) if len(fin_f) else 0)
+    top = lim * 1.02
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, (ini, fin)) in zip(axes.flat, results.items()):
+        ini_a, fin_a = np.asarray(ini, dtype=float), np.asarray(fin, dtype=float)
+        out = ~(fin_a <= top)  # above the axes, or not finite
+        ax.scatter(ini_a[~out], fin_a[~out], s=8, alpha=0.6)
+        if out.any():
+            ax.scatter(ini_a[out], np.full(int(out.sum()), top * 0.985), marker="^", s=18, color="tab:red",
+                       clip_on=False, label=f"{int(out.sum())} above {top:.0f} mm")
         ax.plot([0, lim], [0, lim], "k--", lw=0.8, label="no change")
         ax.axhline(2.0, color="g", lw=0.8, ls=":", label="2 mm")
-        ax.set_xlim(0, lim * 1.02)
-        ax.set_ylim(0, lim * 1.02)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_aspect("equal", adjustable="box")
         ax.set_xlabel("initial mTRE [mm]")
         ax.set_ylabel(ylabel)
-        med = float(np.median(fin_a)) if len(fin_a) else float("nan")
+        med = float(np.nanmedian(fin_a)) if len(fin_a) else float("nan")
         ax.set_title(f"{name} (median {med:.2f} mm)")
         ax.legend(loc="upper left", fontsize=8)
     if title:

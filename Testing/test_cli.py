@@ -262,3 +262,86 @@ def test_bench_small(capsys, lumbar_ct_path, lumbar_labels_path):
     assert code == 0, err
     for word in ("DRRRenderer", "reference", "render", "gradients", "contour", "matching", "solve"):
         assert word in out, word
+
+
+# ----------------------------------------------------------------------------- learned and chained methods
+
+
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory) -> Path:
+    """Untrained model files of the learned operators (the trained ones are shipped separately)."""
+    from PPCRegistrationLib.networks import LEARNED_METHODS, LearnedOperator, save_model
+
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    for m in LEARNED_METHODS:
+        save_model(d / f"{m}.pt", LearnedOperator(m), {"note": "untrained"})
+    return d
+
+
+def test_method_help_lists_the_methods(capsys):
+    for command in ("register", "evaluate"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0
+        flat = " ".join(out.split())
+        for word in ("ppc-flow-attention+classic", "--model", "--models-dir", "ppcreg train"):
+            assert word in flat.replace("- ", "-"), (command, word)
+    _, out, _ = run(capsys, "evaluate", "--help")
+    assert "--one-update" in out and "METHOD=FILE" in out
+
+
+def test_register_unknown_method_and_missing_or_corrupt_model(capsys, lumbar_case, tmp_path):
+    assert_error(capsys, _register_args(lumbar_case, tmp_path / "r") + ["--method", "magic"],
+                 "unknown method 'magic'", "ppc-flow-attention")
+    assert_error(capsys, _register_args(lumbar_case, tmp_path / "r") + ["--method", "ppc-flow",
+                                                                         "--models-dir", tmp_path],
+                 str(tmp_path / "ppc-flow.pt"), "ppcreg train")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert_error(capsys, _register_args(lumbar_case, tmp_path / "r") + ["--method", "ppc-flow", "--model", bad],
+                 "bad.pt", "not a readable model file")
+    assert_error(capsys, _register_args(lumbar_case, tmp_path / "r") + ["--model", bad], "classic",
+                 "no model file")
+
+
+def test_register_chained_method_with_a_model_file(capsys, lumbar_case, untrained_models, tmp_path):
+    model = untrained_models / "ppc-flow-attention.pt"
+    code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "reg"), "--method",
+                         "ppc-flow-attention+classic", "--model", model, "--learned-steps", "1")
+    assert code == 0, err
+    assert f"model {model}" in out and "iteration   1  ppc-flow-attention" in out
+    assert "iteration   2  classic" in out
+    res = formats.load_result(tmp_path / "reg" / "result.json")
+    assert res.method == "ppc-flow-attention+classic" and res.config["model"] == str(model)
+    assert res.config["operators"] == ["ppc-flow-attention"] + ["classic"] * (len(res.history) - 1)
+
+
+def test_evaluate_learned_methods_comma_separated(capsys, lumbar_ct_path, lumbar_labels_path, untrained_models,
+                                                  tmp_path):
+    out_dir = tmp_path / "eval"
+    code, out, err = run(capsys, "evaluate", "--ct", lumbar_ct_path, "--labels", lumbar_labels_path,
+                         "--vertebra", "L3", "--cases", "2", "--mtre-range", "2", "10", "--detector-px", "128",
+                         "--device", "cpu", "--methods", "classic,flow", "ppc-flow", "--models-dir",
+                         untrained_models, "--model", f"ppc-flow={untrained_models / 'ppc-flow.pt'}",
+                         "--one-update", "--out", out_dir, "--quiet")
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert list(summary["methods"]) == ["classic", "flow", "ppc-flow"]
+    assert summary["config"]["iterations"] == 1 and summary["config"]["one_update_only"]
+    for m in ("classic", "flow", "ppc-flow"):
+        assert set(SUMMARY_KEYS) <= set(summary["methods"][m]["one_update"])
+    md = (out_dir / "summary.md").read_text()
+    assert "| initial |" in md and "| ppc-flow |" in md and "## Iterated" not in md
+    assert (out_dir / "scatter_one_update.png").is_file()
+
+
+def test_evaluate_missing_or_bad_model_errors(capsys, phantom_ct, tmp_path):
+    assert_error(capsys, ["evaluate", "--ct", phantom_ct, "--methods", "classic,ppc-flow-attention+classic",
+                          "--models-dir", tmp_path, "--cases", "1", "--out", tmp_path / "e", "--quiet"],
+                 str(tmp_path / "ppc-flow-attention.pt"), "ppcreg train")
+    assert_error(capsys, ["evaluate", "--ct", phantom_ct, "--methods", "flow", "--model", "flow", "--cases", "1",
+                          "--out", tmp_path / "e", "--quiet"], "METHOD=FILE")
+    (tmp_path / "junk.pt").write_text("junk")
+    assert_error(capsys, ["evaluate", "--ct", phantom_ct, "--methods", "flow", "--model",
+                          f"flow={tmp_path / 'junk.pt'}", "--cases", "1", "--out", tmp_path / "e", "--quiet"],
+                 "junk.pt")

@@ -306,3 +306,52 @@ def test_stop_request_stops_run(lumbar_scenario):
 
     result = logic.run(callback=callback)
     assert len(seen) == 1 and result.status in ("stopped", "converged", "diverged")
+
+
+# ----------------------------------------------------------------------------- learned and chained methods
+
+
+def test_methods_offered_by_the_module():
+    assert set(core.METHODS) == {"classic", "flow", "ppc-flow", "ppc-flow-attention", "flow+classic",
+                                 "ppc-flow+classic", "ppc-flow-attention+classic"}
+    assert core.normalizeMethod("ppc_flow_attention") == "ppc-flow-attention"  # scenes saved by older versions
+    cfg = core.makeConfig("ppc-flow", maxIterations=7, device="cpu")
+    assert (cfg.method, cfg.solver, cfg.coarse_search_px, cfg.max_iterations) == ("ppc-flow", "plain", 0.0, 7)
+    with pytest.raises(ValueError, match="unknown method"):
+        core.makeConfig("magic")
+
+
+def test_learned_method_without_model_file_fails_clearly(lumbar_scenario, tmp_path):
+    from PPCRegistrationLib.errors import ModelFileError
+
+    scene, sc = lumbar_scenario
+    n_nodes = scene.GetNumberOfNodes()
+    logic = core.PPCRegistrationCoreLogic(scene)
+    with pytest.raises(ModelFileError, match="nowhere.pt"):
+        scenario.runScenario(logic, sc, method="ppc-flow-attention", modelPath=str(tmp_path / "nowhere.pt"))
+    assert scene.GetNumberOfNodes() == n_nodes  # nothing created, the CT not moved
+    assert sc.ctNode.GetParentTransformNode() is None
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a model")
+    with pytest.raises(ModelFileError, match="bad.pt"):
+        scenario.runScenario(logic, sc, method="flow", modelPath=str(bad))
+
+
+def test_chained_method_runs_in_the_logic_and_fills_every_output(lumbar_scenario, tmp_path):
+    from PPCRegistrationLib.networks import LearnedOperator, save_model
+
+    scene, sc = lumbar_scenario
+    torch.manual_seed(0)
+    model = tmp_path / "ppc-flow-attention.pt"
+    save_model(model, LearnedOperator("ppc-flow-attention"), {"note": "untrained"})
+    logic = core.PPCRegistrationCoreLogic(scene)
+    res = scenario.runScenario(logic, sc, method="ppc-flow-attention+classic", maxIterations=3,
+                               modelPath=str(model))
+    ops = [s.operator for s in res.states]
+    assert ops[0] == "ppc-flow-attention" and set(ops[1:]) <= {"classic"} and res.iterations >= 1
+    assert logic.method.name == "ppc-flow-attention+classic" and logic.method.model_path == model
+    assert scenario.checkOutputs(logic, sc, res) == []
+    assert "(ppc-flow-attention)" in core.formatStatus(res.states[0])
+    # reset goes back to the learned phase
+    logic.reset()
+    assert logic.registration.phase == "learned" and logic.step().operator == "ppc-flow-attention"

@@ -14,7 +14,6 @@ pixel (i, j) = detector pixel (u, v) = (column, row) on the detector plane, at d
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -26,16 +25,12 @@ import slicer
 from vtk.util import numpy_support
 
 from PPCRegistrationLib.geometry import Projection, carm_pose
+from PPCRegistrationLib.methods import CHAINED_METHODS, LEARNED_METHODS, METHOD_LABELS  # noqa: F401
 from PPCRegistrationLib.volume import Volume
 
-# Methods offered by the module: library name -> label shown to the user.
-METHODS = {
-    "classic": "Classic PPC",
-    "flow": "Flow",
-    "ppc_flow": "PPC Flow",
-    "ppc_flow_attention": "PPC Flow Attention",
-}
-LEARNED_METHODS = ("flow", "ppc_flow", "ppc_flow_attention")
+# Methods offered by the module: library name -> label shown to the user (PPCRegistrationLib.methods; the
+# learned ones load Resources/Models/<learned>.pt unless a model file is given).
+METHODS = dict(METHOD_LABELS)
 DEVICES = ("auto", "cpu", "cuda")
 
 # Node attributes written on the nodes the module creates.
@@ -499,25 +494,34 @@ def resolveDevice(device: str) -> str:
     return device
 
 
+def normalizeMethod(method: str) -> str:
+    """The library's name of a method (``"PPC_Flow"`` -> ``"ppc-flow"``); ValueError for an unknown one."""
+    from PPCRegistrationLib.methods import normalize_method
+
+    return normalize_method(method or "classic")
+
+
+def resolveMethod(method: str = "classic", modelPath: str | None = None, device: str = "auto"):
+    """The library :class:`~PPCRegistrationLib.methods.Method`, with the learned operator loaded from
+    ``modelPath`` (default: ``Resources/Models/<learned>.pt`` shipped with the module) on ``device``.
+
+    Raises ValueError (unknown method, no CUDA) or ModelFileError (missing or damaged model file; the message
+    names the file and how to get one)."""
+    from PPCRegistrationLib.methods import resolve_method
+
+    return resolve_method(normalizeMethod(method), model_path=modelPath or None, device=resolveDevice(device))
+
+
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
                device: str = "auto", modelPath: str | None = None):
-    """A library RegistrationConfig; fields the library does not have (e.g. the model path) are skipped."""
+    """The library RegistrationConfig of a method (of its learned phase for a chained method).  The model file
+    is not part of the settings: see :func:`resolveMethod`."""
+    from PPCRegistrationLib.methods import method_config
     from PPCRegistrationLib.registration import RegistrationConfig
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    kwargs: dict[str, Any] = dict(method=method, max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                                  device=resolveDevice(device))
-    if modelPath:
-        names = {f.name for f in dataclasses.fields(RegistrationConfig)} \
-            if dataclasses.is_dataclass(RegistrationConfig) else set()
-        for key in ("model_path", "model_file", "weights"):
-            if key in names:
-                kwargs[key] = modelPath
-                break
-        else:
-            logging.warning("PPCRegistration: this library version takes no model file; using its default model")
-    return RegistrationConfig(**kwargs)
+    base = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
+                              device=resolveDevice(device))
+    return method_config(normalizeMethod(method), base)
 
 
 def _tensor(x, dtype=torch.float64) -> torch.Tensor:
@@ -527,7 +531,8 @@ def _tensor(x, dtype=torch.float64) -> torch.Tensor:
 def stateSummary(state) -> dict[str, Any]:
     """A plain dict of an IterationState's scalar fields (for the status line and the logs)."""
     out = {}
-    for key in ("iteration", "update_mm", "update_deg", "n_contour", "mean_weight", "seconds", "mtre_mm", "status"):
+    for key in ("iteration", "update_mm", "update_deg", "n_contour", "mean_weight", "seconds", "mtre_mm", "status",
+                "operator"):
         v = getattr(state, key, None)
         out[key] = float(v) if isinstance(v, torch.Tensor) else v
     return out
@@ -536,7 +541,7 @@ def stateSummary(state) -> dict[str, Any]:
 def formatStatus(state) -> str:
     """One line for the status label."""
     s = stateSummary(state)
-    parts = [f"iteration {s['iteration']}",
+    parts = [f"iteration {s['iteration']}" + (f" ({s['operator']})" if s.get("operator") else ""),
              f"update {s['update_mm']:.2f} mm / {s['update_deg']:.2f}°" if s["update_mm"] is not None else "",
              f"{s['n_contour']} contour points" if s["n_contour"] is not None else "",
              f"mean weight {s['mean_weight']:.2f}" if s["mean_weight"] is not None else "",
@@ -563,6 +568,7 @@ class PPCRegistrationCoreLogic:
     def __init__(self, scene=None) -> None:
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.registration = None
+        self.method = None
         self.projection: Projection | None = None
         self.lastState = None
         self.ctNode = None
@@ -595,14 +601,20 @@ class PPCRegistrationCoreLogic:
                 current parent transform, else identity.
             roi / roiNode / labelmapNode+labelIds / segmentationNode+segmentId: the region of interest.
             groundTruthTransformNode: T_gt, for mTRE reporting (simulation, self-test).
+            method: a name of ``METHODS`` (``classic``, ``flow``, ``ppc-flow``, ``ppc-flow-attention`` or a
+                chained ``<learned>+classic``); ``_`` is accepted for ``-``.
+            modelPath: model file of a learned method (default ``Resources/Models/<learned>.pt``).
+            device: ``auto``, ``cpu`` or ``cuda`` (the DRR renderer and the learned operator run there).
             outputTransformNode: the transform to write T into (default: a new "PPC registration").
         Returns:
             the library Registration object.
         """
-        from PPCRegistrationLib.registration import Registration
+        from PPCRegistrationLib.registration import RegistrationConfig
 
         if ctNode is None or xrayNode is None:
             raise ValueError("select a CT volume and an X-ray image")
+        # the method first: a missing model file is reported before anything is read or created
+        methodObj = resolveMethod(method, modelPath, device)
         scene = self.scene
         self.ctNode, self.xrayNode = ctNode, xrayNode
         if projection is None:
@@ -633,9 +645,11 @@ class PPCRegistrationCoreLogic:
 
         ct = volumeFromNode(ctNode)
         xray = xrayImageFromNode(xrayNode)
-        config = makeConfig(method, maxIterations, toleranceMM, device, modelPath)
-        self.registration = Registration(ct, xray, projection, torch.from_numpy(T_init), roi=roi, config=config,
-                                         T_gt=None if T_gt is None else torch.from_numpy(T_gt))
+        config = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
+                                    device=resolveDevice(device))
+        self.registration = methodObj.registration(ct, xray, projection, torch.from_numpy(T_init), roi, config,
+                                                   T_gt=None if T_gt is None else torch.from_numpy(T_gt))
+        self.method = methodObj
         self.lastState = None
         self._stopRequested = False
 

@@ -133,12 +133,14 @@ def buildScenario(scene, ctPath: str, labelsPath: str, labelId: int, *, initialM
 
 def runScenario(logic, sc: Scenario, *, method: str = "classic", maxIterations: int = 30,
                 toleranceMM: float = 0.05, device: str = "cpu", useGeometryFromXray: bool = True,
-                callback=None) -> ScenarioResult:
-    """Set up the logic on the scenario's nodes, run it to the end and measure the final mTRE."""
+                modelPath: str | None = None, callback=None) -> ScenarioResult:
+    """Set up the logic on the scenario's nodes, run it to the end and measure the final mTRE.
+
+    ``method``/``modelPath``: as ``PPCRegistrationCoreLogic.setup`` (learned methods read their model file)."""
     logic.setup(sc.ctNode, sc.xrayNode, None if useGeometryFromXray else sc.projection,
                 initialTransformNode=sc.initialTransformNode, labelmapNode=sc.labelNode, labelIds=[sc.labelId],
                 groundTruthTransformNode=sc.groundTruthTransformNode, method=method, maxIterations=maxIterations,
-                toleranceMM=toleranceMM, device=device)
+                toleranceMM=toleranceMM, device=device, modelPath=modelPath)
     states = []
 
     def onState(state):

@@ -1,0 +1,362 @@
+"""Registration methods by name: the classic PPC operator, the three learned operators of the paper, and the
+chained pipelines ``<learned>+classic`` (DESIGN.md §1: "iterate the operator or chain several operators").
+
+=============================== ===========================================================================
+``classic``                     classic matching along the normals, robust solver, global 2D pre-alignment
+``flow``, ``ppc-flow``,         the learned operator (:class:`~PPCRegistrationLib.networks.LearnedMatcher`
+``ppc-flow-attention``          from a model file), one plain weighted PPC solve per update as in training,
+                                no pre-alignment: one update is the raw learned operator of Table 1
+``<learned>+classic``           learned updates first (at most ``learned_steps``, or until a learned update
+                                moves the targets by less than ``switch_mm``), then classic robust updates
+                                for the remaining iterations
+=============================== ===========================================================================
+
+Model files: by default ``Resources/Models/<learned>.pt`` next to the library (the repository's
+``Resources/Models``, or the extension's ``Resources/Models`` once installed in Slicer); any other file can be
+given.  A missing or damaged file is a :class:`~PPCRegistrationLib.errors.ModelFileError` that names the file
+and says how to get one.
+
+Typical use::
+
+    method = resolve_method("ppc-flow-attention+classic", device="cpu")   # loads the model once
+    reg = method.registration(ct, xray, projection, T_init, roi, RegistrationConfig(max_iterations=30))
+    result = reg.run()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import InputError, ModelFileError
+from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator_from_file
+from .registration import ClassicMatcher, IterationState, Matcher, Registration, RegistrationConfig
+
+__all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
+           "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "normalize_method", "parse_methods", "learned_part",
+           "default_models_dir", "default_model_path", "load_operator", "method_config", "Method",
+           "resolve_method", "PipelineRegistration", "build_registration", "models_from_mapping"]
+
+CLASSIC = "classic"
+#: ``<learned>+classic`` for every learned operator.
+CHAINED_METHODS = tuple(f"{m}+{CLASSIC}" for m in LEARNED_METHODS)
+#: every method name :func:`resolve_method` accepts (after :func:`normalize_method`).
+ALL_METHODS = (CLASSIC, *LEARNED_METHODS, *CHAINED_METHODS)
+#: names shown to users (Slicer's method menu, report tables).
+METHOD_LABELS = {
+    CLASSIC: "Classic PPC",
+    "flow": "Flow",
+    "ppc-flow": "PPC Flow",
+    "ppc-flow-attention": "PPC Flow Attention",
+    "flow+classic": "Flow + classic refinement",
+    "ppc-flow+classic": "PPC Flow + classic refinement",
+    "ppc-flow-attention+classic": "PPC Flow Attention + classic refinement",
+}
+#: detector pixels: search range of a learned method when its operator's reach is not known (window margin and
+#: plausibility limit of the learned matches); :func:`learned_search_px` gives the reach of an operator.
+LEARNED_SEARCH_PX = 32.0
+#: a chained pipeline's learned updates before it switches to classic refinement (at most).
+DEFAULT_LEARNED_STEPS = 10
+#: a chained pipeline switches to classic refinement after a learned update smaller than this (mm).
+DEFAULT_SWITCH_MM = 0.5
+
+
+def normalize_method(name: str) -> str:
+    """The canonical method name: case, blanks and ``_`` are forgiven (``PPC_Flow + classic`` ->
+    ``ppc-flow+classic``).
+
+    Raises:
+        InputError: an unknown method (the message lists the known ones).
+    """
+    if not isinstance(name, str):
+        raise InputError(f"a method name must be a string, got {type(name).__name__}")
+    key = "+".join(part.strip().replace("_", "-").replace(" ", "-") for part in name.strip().lower().split("+"))
+    if key not in ALL_METHODS:
+        raise InputError(f"unknown method {name!r}; available: {', '.join(ALL_METHODS)}")
+    return key
+
+
+def parse_methods(methods: str | Iterable[str]) -> list[str]:
+    """Method names from ``"classic,flow"`` or ``["classic", "flow,ppc-flow"]``: split at commas, normalised,
+    duplicates dropped (first occurrence kept)."""
+    items = [methods] if isinstance(methods, str) else list(methods)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            if part.strip():
+                m = normalize_method(part)
+                if m not in out:
+                    out.append(m)
+    if not out:
+        raise InputError(f"no method given; available: {', '.join(ALL_METHODS)}")
+    return out
+
+
+def learned_part(method: str) -> str | None:
+    """The learned operator a method uses (``"ppc-flow"`` for ``ppc-flow+classic``), None for ``classic``."""
+    m = normalize_method(method)
+    first = m.split("+")[0]
+    return first if first in LEARNED_METHODS else None
+
+
+def default_models_dir() -> Path:
+    """``Resources/Models`` next to the library's folder: the repository's, or the installed extension's."""
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def default_model_path(method: str, models_dir: str | Path | None = None) -> Path:
+    """``<models_dir>/<learned>.pt`` (default :func:`default_models_dir`) of a learned or chained method."""
+    learned = learned_part(method)
+    if learned is None:
+        raise InputError(f"method {method!r} uses no model file")
+    folder = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
+    return folder / f"{learned}.pt"
+
+
+def load_operator(method: str, model_path: str | Path | None = None, device: torch.device | str = "cpu",
+                  models_dir: str | Path | None = None) -> tuple[LearnedOperator, dict, Path]:
+    """Load and check the learned operator of a method.
+
+    Args:
+        method: a learned or chained method name.
+        model_path: the model file; default :func:`default_model_path` (in ``models_dir``).
+        device: where the operator runs.
+    Returns:
+        ``(operator, meta, path)``.
+    Raises:
+        ModelFileError: the file is missing (the message says how to get one), damaged, not a model file, or
+            holds another method's operator.
+    """
+    learned = learned_part(method)
+    if learned is None:
+        raise InputError(f"method {method!r} uses no learned operator")
+    path = Path(model_path).expanduser() if model_path else default_model_path(learned, models_dir)
+    if not path.is_file():
+        where = "given" if model_path else "default"
+        raise ModelFileError(
+            f"the model file of method {learned!r} was not found: {path} ({where} path). Train one with "
+            f"`ppcreg train` (see `ppcreg train --help`) and save it there, or give another file "
+            f"(ppcreg: --model / --models-dir; Slicer: the 'Model file' field)")
+    op, meta = operator_from_file(path, device, method=learned)
+    return op, meta, path
+
+
+def learned_search_px(operator: LearnedOperator, pixel_spacing_mm: float | None = None) -> float:
+    """The reach of a learned operator in detector pixels of ``pixel_spacing_mm``: its correlation range
+    (``max_disp * stride`` network pixels) times the image-to-network reduction (at least 8 pixels)."""
+    net = operator.flow_net
+    return max(8.0, float(net.max_disp * net.stride) * operator.factor_for(pixel_spacing_mm))
+
+
+def method_config(method: str, base: RegistrationConfig | None = None,
+                  search_px: float | None = None) -> RegistrationConfig:
+    """The registration settings of a method: ``base`` (default :class:`RegistrationConfig`) with the
+    method's overrides.  For a chained method these are the settings of its *learned* phase; the classic phase
+    uses ``base`` with ``method="classic"``.
+
+    Learned: ``solver="plain"`` (one weighted PPC solve, as in training), no coarse pre-alignment, and a fixed
+    search range ``search_px`` (default :data:`LEARNED_SEARCH_PX`; :meth:`Method.registration` uses the
+    operator's reach, :func:`learned_search_px`): the window rendered around the region of interest has that
+    margin (plus ``window_margin_px``), and matches displaced farther are dropped.
+    """
+    m = normalize_method(method)
+    base = base or RegistrationConfig()
+    if m == CLASSIC:
+        return replace(base, method=CLASSIC)
+    s = float(LEARNED_SEARCH_PX if search_px is None else search_px)
+    return replace(base, method=learned_part(m), solver="plain", coarse_search_px=0.0, search_px=s,
+                   min_search_px=s)
+
+
+@dataclass
+class Method:
+    """A resolved method: its name and, for learned and chained methods, the loaded operator.
+
+    Build with :func:`resolve_method` (loads the model once); :meth:`registration` then makes one
+    registration per case.
+    """
+
+    name: str
+    operator: LearnedOperator | None = None
+    model_path: Path | None = None
+    model_meta: dict | None = None
+    learned_steps: int = DEFAULT_LEARNED_STEPS
+    switch_mm: float = DEFAULT_SWITCH_MM
+
+    @property
+    def learned(self) -> str | None:
+        return learned_part(self.name)
+
+    @property
+    def chained(self) -> bool:
+        return "+" in self.name
+
+    @property
+    def label(self) -> str:
+        return METHOD_LABELS[self.name]
+
+    def matcher(self) -> Matcher:
+        """The 2D matching step of the (first) operator."""
+        if self.learned is None:
+            return ClassicMatcher()
+        if self.operator is None:
+            raise InputError(f"method {self.name!r} needs its learned operator: use resolve_method()")
+        return LearnedMatcher(self.operator)
+
+    def config(self, base: RegistrationConfig | None = None, pixel_spacing_mm: float | None = None
+               ) -> RegistrationConfig:
+        """The (first phase's) settings, see :func:`method_config`; the learned search range is the operator's
+        reach on a detector of ``pixel_spacing_mm``."""
+        reach = None if self.operator is None else learned_search_px(self.operator, pixel_spacing_mm)
+        return method_config(self.name, base, reach)
+
+    def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
+                     T_gt=None, surface=None, renderer=None) -> Registration:
+        """A :class:`Registration` (a :class:`PipelineRegistration` for chained methods) of this method.
+
+        ``config`` holds the common settings (iterations, tolerance, device, ...); its ``method`` is ignored.
+        """
+        base = config or RegistrationConfig()
+        if self.operator is not None:
+            dev = base.resolved_device()
+            if next(self.operator.parameters()).device.type != dev.type:
+                self.operator.to(dev)
+        kw = dict(T_gt=T_gt, surface=surface, renderer=renderer)
+        spacing = float(projection.pixel_spacing[0, 0])
+        if self.chained:
+            return PipelineRegistration(ct, xray, projection, T_init, roi, base, operator=self.operator,
+                                        learned_steps=self.learned_steps, switch_mm=self.switch_mm, **kw)
+        return Registration(ct, xray, projection, T_init, roi, self.config(base, spacing), matcher=self.matcher(),
+                            **kw)
+
+
+def resolve_method(name: str, *, model_path: str | Path | None = None, models_dir: str | Path | None = None,
+                   device: torch.device | str = "cpu", operator: LearnedOperator | None = None,
+                   learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM) -> Method:
+    """A :class:`Method` by name, with its learned operator loaded (and checked) when it has one.
+
+    Args:
+        name: a method name (see :data:`ALL_METHODS`; :func:`normalize_method` forgives case and ``_``).
+        model_path: model file of the learned operator (default ``<models_dir>/<learned>.pt``).
+        models_dir: folder of the default model files (default :func:`default_models_dir`).
+        device: where the operator runs (``"auto"`` = CUDA when available).
+        operator: an operator already in memory (no file is read).
+        learned_steps, switch_mm: when a chained method switches to classic refinement.
+    Raises:
+        InputError: unknown method or bad parameters.  ModelFileError: missing or damaged model file.
+    """
+    m = normalize_method(name)
+    if int(learned_steps) < 1:
+        raise InputError(f"learned_steps must be at least 1, got {learned_steps}")
+    if not float(switch_mm) >= 0:
+        raise InputError(f"switch_mm must be >= 0 (mm), got {switch_mm}")
+    out = Method(m, learned_steps=int(learned_steps), switch_mm=float(switch_mm))
+    learned = learned_part(m)
+    if learned is None:
+        return out
+    dev = RegistrationConfig(device=str(device)).resolved_device()
+    if operator is not None:
+        if getattr(operator, "method", learned) != learned:
+            raise ModelFileError(f"the given operator is a {operator.method!r} model, but method {m!r} needs "
+                                 f"{learned!r}")
+        out.operator = operator.to(dev).eval()
+        return out
+    out.operator, out.model_meta, out.model_path = load_operator(learned, model_path, dev, models_dir)
+    return out
+
+
+class PipelineRegistration(Registration):
+    """A chained registration: learned updates first, then classic robust refinement.
+
+    The learned phase runs with :func:`method_config` of the learned operator and a
+    :class:`~PPCRegistrationLib.networks.LearnedMatcher`; it ends after ``learned_steps`` updates, after a
+    learned update that moved the targets by less than ``switch_mm``, or when a learned update fails
+    (rank deficient, diverged: the best estimate is kept).  The remaining iterations (up to
+    ``config.max_iterations`` in all) are classic.  History, best estimate, stop and :meth:`reset` (back to
+    the learned phase) work as for any :class:`Registration`; each :class:`IterationState` says which
+    operator made it (``state.operator``).
+
+    Attributes:
+        pipeline_config: the settings given (``method`` = the pipeline's name).
+        learned_config, classic_config: the settings of the two phases; ``config`` is the current one.
+        phase: ``"learned"`` or ``"classic"``; learned_updates: updates made in the learned phase.
+    """
+
+    def __init__(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
+                 operator: LearnedOperator, learned_steps: int = DEFAULT_LEARNED_STEPS,
+                 switch_mm: float = DEFAULT_SWITCH_MM, T_gt=None, surface=None, renderer=None) -> None:
+        if not isinstance(operator, LearnedOperator):
+            raise InputError("a chained registration needs a LearnedOperator (see resolve_method)")
+        base = config or RegistrationConfig()
+        self.pipeline_config = replace(base, method=f"{operator.method}+{CLASSIC}")
+        self.learned_config = method_config(operator.method, base,
+                                            learned_search_px(operator, float(projection.pixel_spacing[0, 0])))
+        self.classic_config = method_config(CLASSIC, base)
+        self.learned_steps = int(learned_steps)
+        self.switch_mm = float(switch_mm)
+        self.learned_matcher = LearnedMatcher(operator)
+        self.classic_matcher = ClassicMatcher()
+        self.phase = "learned"
+        self.learned_updates = 0
+        super().__init__(ct, xray, projection, T_init, roi, self.learned_config, T_gt=T_gt,
+                         matcher=self.learned_matcher, surface=surface, renderer=renderer)
+
+    def reset(self) -> None:
+        """Back to the initial transform and to the learned phase; the history is cleared."""
+        self.phase = "learned"
+        self.learned_updates = 0
+        self.config = self.learned_config
+        self.matcher = self.learned_matcher
+        super().reset()
+
+    def switch_to_classic(self) -> None:
+        """End the learned phase now: the next updates are classic."""
+        self.phase = "classic"
+        self.config = self.classic_config
+        self.matcher = self.classic_matcher
+        self.search_px = float(self.classic_config.search_px)
+
+    def step(self) -> IterationState:
+        """One update of the current phase; switches phase when the learned one is over."""
+        if self.phase == "classic":
+            return super().step()
+        st = super().step()
+        self.learned_updates += 1
+        failed = st.status in ("converged", "rank_deficient", "diverged")
+        if failed or st.update_mm < self.switch_mm or self.learned_updates >= self.learned_steps:
+            self.switch_to_classic()
+            if failed and self.iteration < self.config.max_iterations:
+                # the pipeline goes on with classic refinement (from the best estimate when it failed)
+                st.message = (f"learned phase ended ({st.status}: {st.message}); classic refinement follows"
+                              if st.message else f"learned phase ended ({st.status}); classic refinement follows")
+                st.status = "running"
+                self.status = "running"
+        return st
+
+
+def build_registration(method: str, ct, xray, projection, T_init, roi=None,
+                       config: RegistrationConfig | None = None, *, model_path: str | Path | None = None,
+                       models_dir: str | Path | None = None, operator: LearnedOperator | None = None,
+                       learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
+                       T_gt=None, surface=None, renderer=None) -> Registration:
+    """One call from a method name to a ready :class:`Registration` (loads the model file of learned methods
+    on ``config.device``).  For many cases of one method, :func:`resolve_method` once and
+    :meth:`Method.registration` per case."""
+    base = config or RegistrationConfig()
+    m = resolve_method(method, model_path=model_path, models_dir=models_dir, device=base.resolved_device(),
+                       operator=operator, learned_steps=learned_steps, switch_mm=switch_mm)
+    return m.registration(ct, xray, projection, T_init, roi, base, T_gt=T_gt, surface=surface, renderer=renderer)
+
+
+def models_from_mapping(models: Mapping[str, str | Path] | None) -> dict[str, Path]:
+    """``{learned operator: file}`` from ``{method: file}`` (chained names map to their learned operator)."""
+    out: dict[str, Path] = {}
+    for k, v in (models or {}).items():
+        learned = learned_part(k)
+        if learned is None:
+            raise InputError(f"method {k!r} uses no model file")
+        out[learned] = Path(v).expanduser()
+    return out

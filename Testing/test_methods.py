@@ -1,0 +1,232 @@
+"""Methods by name (PPCRegistrationLib.methods): classic, the learned operators from model files, and the chained
+``<learned>+classic`` pipelines; the evaluation of several methods on the same cases (Table 1, Fig. 2).
+
+The learned methods run with small *untrained* model files written into tmp folders (the trained weights are
+shipped separately): these tests check the plumbing, not the accuracy.  Real CT: the lumbar CT (L3) at a
+128-pixel detector.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from PPCRegistrationLib import methods
+from PPCRegistrationLib.drr import DRRRenderer
+from PPCRegistrationLib.errors import InputError, ModelFileError
+from PPCRegistrationLib.evaluation import SUMMARY_KEYS, evaluate, summary_markdown, write_report
+from PPCRegistrationLib.features import extract_surface_points
+from PPCRegistrationLib.io import read_label_map, read_volume
+from PPCRegistrationLib.networks import LearnedMatcher, LearnedOperator, save_model
+from PPCRegistrationLib.registration import Registration, RegistrationConfig
+from PPCRegistrationLib.roi import roi_from_vertebra
+from PPCRegistrationLib.simulation import ViewSampler, make_case
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)  # as test_networks: small operations, a shared 2-core machine
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """Untrained model files of the three learned operators, named as in Resources/Models."""
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    for m in methods.LEARNED_METHODS:
+        save_model(d / f"{m}.pt", LearnedOperator(m), {"note": "untrained, for tests"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def lumbar(lumbar_ct_path, lumbar_labels_path):
+    ct = read_volume(lumbar_ct_path)
+    roi = roi_from_vertebra(read_label_map(lumbar_labels_path, ct), "L3")
+    renderer = DRRRenderer(ct)
+    surface = extract_surface_points(ct, roi, budget=2000)
+    case = make_case(renderer, surface.points, 0, (5, 10), ViewSampler(detector_size_px=128))
+    return ct, roi, renderer, surface, case
+
+
+def _run(lumbar, method: methods.Method, **cfg):
+    ct, roi, renderer, surface, case = lumbar
+    reg = method.registration(ct, case.xray, case.projection, case.T_init, roi,
+                              RegistrationConfig(device="cpu", **cfg), T_gt=case.T_gt, surface=surface,
+                              renderer=renderer)
+    return reg, reg.run()
+
+
+# ----------------------------------------------------------------------------- names and model files
+
+
+def test_method_names_are_normalised_and_unknown_ones_rejected():
+    assert methods.normalize_method("PPC_Flow_Attention + Classic") == "ppc-flow-attention+classic"
+    assert methods.parse_methods(["classic,flow", "ppc-flow", "classic"]) == ["classic", "flow", "ppc-flow"]
+    assert methods.learned_part("ppc-flow+classic") == "ppc-flow" and methods.learned_part("classic") is None
+    assert set(methods.METHOD_LABELS) == set(methods.ALL_METHODS)
+    with pytest.raises(InputError, match="unknown method 'magic'.*ppc-flow-attention\\+classic"):
+        methods.normalize_method("magic")
+    with pytest.raises(InputError, match="unknown method"):
+        methods.parse_methods("classic+flow")  # only <learned>+classic chains exist
+
+
+def test_default_model_path_is_resources_models_of_the_repository():
+    assert methods.default_models_dir() == ROOT / "Resources" / "Models"
+    assert methods.default_model_path("ppc-flow-attention+classic") == ROOT / "Resources" / "Models" / \
+        "ppc-flow-attention.pt"
+    # the Slicer module installs the same folder next to the library
+    cmake = (ROOT / "PPCRegistration" / "CMakeLists.txt").read_text()
+    assert "Resources/Models" in cmake and "${_models_source_dir}/*.pt" in cmake
+
+
+def test_missing_model_file_names_the_file_and_how_to_get_one(tmp_path):
+    with pytest.raises(ModelFileError) as err:
+        methods.resolve_method("ppc-flow", models_dir=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "ppc-flow.pt") in msg and "ppcreg train" in msg
+    with pytest.raises(ModelFileError, match="nowhere.pt"):
+        methods.resolve_method("flow+classic", model_path=tmp_path / "nowhere.pt")
+
+
+def test_untrained_model_loads_and_corrupt_or_wrong_one_fails(models_dir, tmp_path):
+    m = methods.resolve_method("ppc-flow-attention", models_dir=models_dir)
+    assert isinstance(m.operator, LearnedOperator) and m.operator.method == "ppc-flow-attention"
+    assert m.model_path == models_dir / "ppc-flow-attention.pt" and m.model_meta["note"].startswith("untrained")
+    assert isinstance(m.matcher(), LearnedMatcher)
+    cfg = m.config(RegistrationConfig(max_iterations=7))
+    assert (cfg.method, cfg.solver, cfg.coarse_search_px, cfg.max_iterations) == ("ppc-flow-attention", "plain",
+                                                                                  0.0, 7)
+    assert methods.resolve_method("classic").operator is None
+    # the learned search range is the operator's reach (+-32 network pixels of 380/256 mm) on the detector
+    assert methods.learned_search_px(m.operator, 380 / 256) == pytest.approx(32.0)
+    assert methods.learned_search_px(m.operator, 380 / 512) == pytest.approx(64.0)
+    # damaged: bytes flipped in the middle of the file
+    bad = tmp_path / "ppc-flow.pt"
+    data = bytearray((models_dir / "ppc-flow.pt").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="ppc-flow.pt"):
+        methods.resolve_method("ppc-flow", model_path=bad)
+    (tmp_path / "junk.pt").write_text("not a model")
+    with pytest.raises(ModelFileError, match="junk.pt"):
+        methods.resolve_method("ppc-flow", model_path=tmp_path / "junk.pt")
+    # a model of another operator
+    with pytest.raises(ModelFileError, match="'flow'"):
+        methods.resolve_method("ppc-flow-attention", model_path=models_dir / "flow.pt")
+
+
+# ----------------------------------------------------------------------------- pipelines on the real CT
+
+
+def test_every_method_runs_a_few_updates(lumbar, models_dir):
+    for name in methods.ALL_METHODS:
+        m = methods.resolve_method(name, models_dir=models_dir)
+        reg, res = _run(lumbar, m, max_iterations=2, tolerance_mm=0.0)
+        assert 1 <= res.iterations <= 2, name
+        assert res.history[0].operator == (methods.learned_part(name) or "classic"), name
+        assert torch.isfinite(res.T).all(), name
+        assert reg.mtre(res.T.to(reg.device)) < 60, name
+
+
+def test_chain_switches_from_learned_to_classic_after_k_updates(lumbar, models_dir):
+    m = methods.resolve_method("ppc-flow-attention+classic", models_dir=models_dir, learned_steps=2, switch_mm=0.0)
+    seen = []
+    ct, roi, renderer, surface, case = lumbar
+    reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
+                         RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0), T_gt=case.T_gt,
+                         surface=surface, renderer=renderer)
+    assert isinstance(reg, methods.PipelineRegistration) and reg.phase == "learned"
+    res = reg.run(callback=seen.append)
+    assert [st.operator for st in res.history] == ["ppc-flow-attention"] * 2 + ["classic"] * 2
+    assert len(seen) == res.iterations == 4 and res.status == "max_iterations"
+    assert reg.phase == "classic" and reg.config.solver == "robust"
+    assert reg.pipeline_config.method == "ppc-flow-attention+classic"
+    # reset goes back to the learned phase; step by step gives the same sequence
+    reg.reset()
+    assert reg.phase == "learned" and reg.iteration == 0 and reg.config.solver == "plain"
+    assert torch.equal(reg.T.cpu(), case.T_init.to(torch.float64))
+    ops = [reg.step().operator for _ in range(3)]
+    assert ops == ["ppc-flow-attention", "ppc-flow-attention", "classic"]
+
+
+def test_chain_switches_early_after_a_small_learned_update(lumbar, models_dir):
+    # the untrained operator predicts an almost zero flow: its first update is tiny (< 0.5 mm), so the pipeline
+    # goes on with classic updates instead of stopping as converged
+    m = methods.resolve_method("ppc-flow+classic", models_dir=models_dir)
+    reg, res = _run(lumbar, m, max_iterations=3)
+    ops = [st.operator for st in res.history]
+    assert ops[0] == "ppc-flow" and ops[1:] == ["classic"] * (len(ops) - 1) and len(ops) >= 2
+    assert res.history[0].update_mm < methods.DEFAULT_SWITCH_MM
+    # alone, the same operator stops after that update (converged or not, but never more than max_iterations)
+    solo, res2 = _run(lumbar, methods.resolve_method("ppc-flow", models_dir=models_dir), max_iterations=3)
+    assert all(st.operator == "ppc-flow" for st in res2.history)
+
+
+def test_stop_request_stops_a_chain(lumbar, models_dir):
+    m = methods.resolve_method("flow+classic", models_dir=models_dir, learned_steps=1, switch_mm=0.0)
+    ct, roi, renderer, surface, case = lumbar
+    reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
+                         RegistrationConfig(device="cpu", max_iterations=10), surface=surface, renderer=renderer)
+    res = reg.run(callback=lambda st: reg.stop() if st.iteration == 2 else None)
+    assert res.status == "stopped" and res.iterations == 2
+    assert [st.operator for st in res.history] == ["flow", "classic"]
+
+
+def test_build_registration_and_plain_registration_error(lumbar, models_dir):
+    ct, roi, renderer, surface, case = lumbar
+    reg = methods.build_registration("ppc-flow", ct, case.xray, case.projection, case.T_init, roi,
+                                     RegistrationConfig(device="cpu", max_iterations=1),
+                                     model_path=models_dir / "ppc-flow.pt", surface=surface, renderer=renderer)
+    assert isinstance(reg.matcher, LearnedMatcher) and reg.config.solver == "plain"
+    with pytest.raises(InputError, match="build_registration"):
+        Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(method="ppc-flow"),
+                     surface=surface, renderer=renderer)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_two_methods_writes_table1_json_and_fig2(lumbar, models_dir, tmp_path):
+    ct, roi, renderer, surface, _ = lumbar
+    result = evaluate(ct, roi, ["classic", "PPC_Flow_Attention+classic"], n_cases=2, seed=3, mtre_range=(2, 8),
+                      iterations=3, detector_px=128, device="cpu", models_dir=models_dir, learned_steps=1,
+                      renderer=renderer, surface=surface, progress=False)
+    assert result["config"]["methods"] == ["classic", "ppc-flow-attention+classic"]
+    assert result["config"]["models"] == {"ppc-flow-attention+classic": str(models_dir / "ppc-flow-attention.pt")}
+    for rec in result["cases"]:  # every method on the same cases
+        assert set(rec["methods"]) == {"classic", "ppc-flow-attention+classic"}
+    paths = write_report(result, tmp_path)
+    md = paths["summary.md"].read_text()
+    table1 = md[md.index("## After one update"):md.index("## Iterated")]
+    rows = [line for line in table1.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["initial", "classic", "ppc-flow-attention+classic"]
+    assert "reduction factor" in table1 and "success < 2 mm" in md[md.index("## Iterated"):]
+    summary = json.loads(paths["summary.json"].read_text())
+    for m in ("classic", "ppc-flow-attention+classic"):
+        for stage in ("one_update", "final"):
+            assert set(SUMMARY_KEYS) <= set(summary["methods"][m][stage])
+    from PIL import Image
+
+    for name in ("scatter_one_update.png", "scatter_final.png"):
+        with Image.open(paths[name]) as im:
+            assert im.size[0] > 1.6 * im.size[1]  # two panels side by side
+
+
+def test_evaluate_one_update_only_and_early_model_errors(lumbar, models_dir, tmp_path):
+    ct, roi, renderer, surface, _ = lumbar
+    result = evaluate(ct, roi, ["flow", "ppc-flow"], n_cases=2, seed=0, mtre_range=(5, 20), iterations=1,
+                      detector_px=128, device="cpu", models={"flow": models_dir / "flow.pt",
+                                                               "ppc-flow": models_dir / "ppc-flow.pt"},
+                      renderer=renderer, surface=surface, progress=False)
+    assert result["config"]["one_update_only"]
+    for rec in result["cases"]:
+        for r in rec["methods"].values():
+            assert r["iterations"] == 1 and r["mtre_one_update_mm"] == r["mtre_final_mm"]
+    md = summary_markdown(result)
+    assert "| flow |" in md and "| ppc-flow |" in md and "## Iterated" not in md and "One update only" in md
+    # a missing model is reported before any case is simulated
+    with pytest.raises(ModelFileError, match="ppc-flow-attention.pt"):
+        evaluate(ct, roi, ["classic", "ppc-flow-attention"], n_cases=50, models_dir=tmp_path, renderer=renderer,
+                 surface=surface, progress=False)
