@@ -1,0 +1,262 @@
+"""Training of the learned update operator (PPCRegistrationLib.training) and ``ppcreg train``, on the tiny data set
+of the real sample chest CT (Testing/tiny_data.py): every method learns, gradients pass through the PPC solve,
+resume continues exactly, ``--init`` copies the flow network, the command line runs end to end, and a 2-process
+``torchrun`` (gloo, CPU) trains like a single process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_data
+from PPCRegistrationLib.cli import main
+from PPCRegistrationLib.errors import InputError
+from PPCRegistrationLib.geometry import Projection, centred_update, invert_rigid, se3_exp, transform_points
+from PPCRegistrationLib.metrics import mtre
+from PPCRegistrationLib.networks import LearnedOperator, operator_from_file, save_model
+from PPCRegistrationLib.ppc import solve_ppc
+from PPCRegistrationLib.dataset import ShardDataset
+from PPCRegistrationLib.training import TrainConfig, _collate, _init_from, compute_loss, operator_step, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXEL_MM = 380.0 / 128  # the tiny data set's network pixel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here (a shared 2-core machine); restored for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, chest_ct_paths) -> Path:
+    return tiny_data.tiny_dataset(tmp_path_factory, chest_ct_paths)
+
+
+def _cfg(method: str, **kw) -> TrainConfig:
+    base = dict(method=method, iterations=4, batch_size=4, lr=1e-3, val_every=2, val_samples=2, checkpoint_every=2,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _curves(path: Path) -> list[dict]:
+    with (path / "curves.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _quiet(*_a, **_k) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- the PPC layer passes gradients
+
+
+def test_gradcheck_ppc_solve_to_mtre():
+    """d mTRE(T_est, T_gt) / d (matched points, weights) through solve_ppc, in double precision."""
+    gen = torch.Generator().manual_seed(0)
+    n = 10
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen, dtype=torch.float64), dim=-1)
+    points = (30.0 * dirs)[None]  # a 30 mm sphere around the isocentre
+    grads = (dirs + 0.2 * torch.randn(n, 3, generator=gen, dtype=torch.float64))[None]
+    K = torch.tensor([[[800.0, 0, 32], [0, 800.0, 32], [0, 0, 1]]], dtype=torch.float64)
+    proj = Projection(K, torch.eye(3, dtype=torch.float64)[None], torch.tensor([[0, 0, 750.0]], dtype=torch.float64),
+                      64, 64, torch.tensor([[1.5, 1.5]], dtype=torch.float64))
+    T_init = torch.eye(4, dtype=torch.float64)[None]
+    T_gt = se3_exp(torch.tensor([[0.03, -0.02, 0.05, 2.0, -1.0, 3.0]], dtype=torch.float64))
+    uv_true = proj.project(transform_points(T_gt @ invert_rigid(T_init), points))
+    # nearly exact matches: with one view the depth is weakly observed, and match noise would swamp it
+    uv = (uv_true + 0.01 * torch.randn(uv_true.shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    weights = (0.5 + torch.rand(1, n, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    targets = points[0]
+
+    def f(uv_m, w):
+        sol = solve_ppc(points, grads, proj.source, proj.ray_directions(uv_m), w, regularization=1e-5)
+        return mtre(centred_update(sol.dv, sol.centre, T_init), T_gt, targets)
+
+    assert not bool(solve_ppc(points, grads, proj.source, proj.ray_directions(uv), weights).rank_deficient.any())
+    before = float(mtre(T_init, T_gt, targets))
+    assert float(f(uv, weights).detach()) < 0.5 * before  # the solve does move towards T_gt
+    assert torch.autograd.gradcheck(f, (uv, weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+    g_uv, g_w = torch.autograd.grad(f(uv, weights).sum(), (uv, weights))
+    assert float(g_uv.abs().max()) > 0 and float(g_w.abs().max()) > 0
+
+
+# ----------------------------------------------------------------------------- every method learns
+
+
+@pytest.mark.parametrize("method", ["flow", "ppc-flow", "ppc-flow-attention"])
+def test_each_method_overfits_the_tiny_set(root, tmp_path, method):
+    """40 steps at lr 1e-3 on the 4 training samples: the loss over those samples drops by more than 10 %."""
+    data = ShardDataset(root, "train")
+    batch = _collate([data[i] for i in range(len(data))])
+
+    def loss(op) -> float:
+        with torch.no_grad():
+            return float(compute_loss(method, operator_step(op, batch, solve=method != "flow")))
+
+    torch.manual_seed(0)  # the initialisation train() makes with seed 0
+    before = loss(LearnedOperator(method, network_pixel_mm=PIXEL_MM))
+    cfg = _cfg(method, iterations=40, val_every=40, checkpoint_every=40, val_samples=4)
+    res = train(cfg, root, tmp_path, val_split="train", progress=False, log=_quiet)
+    op, meta = operator_from_file(tmp_path / "model_last.pt", method=method)
+    after = loss(op)
+    assert math.isfinite(before) and math.isfinite(after)
+    assert after < 0.9 * before, (method, before, after)
+    assert meta["method"] == method and meta["iterations"] == 40 and meta["train_vertebrae"] == ["T8"]
+    rows = _curves(tmp_path)
+    assert [int(r["iteration"]) for r in rows] == [40] and math.isfinite(float(rows[0]["train_loss"]))
+    assert res["best"]["iteration"] == 40 and res["world_size"] == 1
+    assert (tmp_path / "model.pt").is_file()
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- resume, --init
+
+
+def test_resume_continues_at_the_checkpoint_like_an_uninterrupted_run(root, tmp_path):
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    train(_cfg("ppc-flow-attention", iterations=6, val_every=3, checkpoint_every=3), root, straight,
+          progress=False, log=_quiet)
+    train(_cfg("ppc-flow-attention", iterations=3, val_every=3, checkpoint_every=3), root, parts,
+          progress=False, log=_quiet)
+    assert torch.load(parts / "checkpoint.pt", weights_only=False)["iteration"] == 3
+    with (parts / "curves.csv").open("a", newline="") as fh:  # a validation written after the checkpoint
+        fh.write("5,1,1,1,1,1,1,1,0,1\n")
+    lines: list[str] = []
+    train(_cfg("ppc-flow-attention", iterations=6, val_every=3, checkpoint_every=3), root, parts, progress=False,
+          log=lambda m: lines.append(str(m)))
+    assert any(f"resumed from {parts / 'checkpoint.pt'} at iteration 3" in m for m in lines), lines
+    assert torch.load(parts / "checkpoint.pt", weights_only=False)["iteration"] == 6
+    assert [int(r["iteration"]) for r in _curves(parts)] == [3, 6]
+    a, _ = operator_from_file(straight / "model_last.pt")
+    b, _ = operator_from_file(parts / "model_last.pt")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-6), f"{name}: the resumed run differs from the uninterrupted one"
+    # a checkpoint of another method is refused
+    with pytest.raises(InputError, match="checkpoint of 'ppc-flow-attention'"):
+        train(_cfg("flow", iterations=8), root, parts, progress=False, log=_quiet)
+
+
+def test_init_copies_the_flow_network(root, tmp_path):
+    torch.manual_seed(1)
+    flow = LearnedOperator("flow", network_pixel_mm=PIXEL_MM)
+    save_model(tmp_path / "flow.pt", flow, {"method": "flow"})
+    torch.manual_seed(2)
+    op = LearnedOperator("ppc-flow-attention", network_pixel_mm=PIXEL_MM)
+    attention_before = {k: v.clone() for k, v in op.attention.state_dict().items()}
+    copied = _init_from(op, str(tmp_path / "flow.pt"), torch.device("cpu"))
+    assert sorted(copied) == sorted(f"flow_net.{k}" for k in flow.flow_net.state_dict())
+    for k, v in flow.flow_net.state_dict().items():
+        assert torch.equal(op.flow_net.state_dict()[k], v), k
+    for k, v in op.attention.state_dict().items():
+        assert torch.equal(v, attention_before[k]), k
+
+
+# ----------------------------------------------------------------------------- ppcreg train
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_train_end_to_end_with_init_and_resume(capsys, root, tmp_path):
+    common = ["--data", root, "--batch-size", "2", "--val-every", "2", "--val-samples", "2", "--device", "cpu",
+              "--quiet", "--threads", "1"]
+    code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "flow", "--iterations", "2",
+                         "--lr", "1e-3", *common)
+    assert code == 0, err
+    assert "trained flow for 2 iterations" in out and "best validation at iteration 2" in out
+    for name in ("model.pt", "model_last.pt", "checkpoint.pt", "curves.csv", "curves.png", "config.json"):
+        assert (tmp_path / "flow" / name).is_file(), name
+    n_flow = len(LearnedOperator("flow").flow_net.state_dict())
+    code, out, err = run(capsys, "train", "--method", "ppc-flow-attention", "--out", tmp_path / "pfa",
+                         "--iterations", "2", "--init", tmp_path / "flow" / "model.pt", "--lambda-epe", "0.5",
+                         "--weight-decay", "0", "--seed", "3", *common)
+    assert code == 0, err
+    assert f"initialised {n_flow} parameter tensors from" in out
+    op, meta = operator_from_file(tmp_path / "pfa" / "model.pt", method="ppc-flow-attention")
+    assert meta["lambda_epe"] == 0.5 and meta["batch_size"] == 2
+    code, out, err = run(capsys, "train", "--method", "ppc-flow-attention", "--out", tmp_path / "pfa",
+                         "--iterations", "3", *common)
+    assert code == 0, err
+    assert "at iteration 2" in out and "trained ppc-flow-attention for 3 iterations" in out
+    code, out, err = run(capsys, "train", "--method", "ppc-flow-attention", "--out", tmp_path / "pfa",
+                         "--iterations", "1", "--no-resume", *common)
+    assert code == 0 and "resumed" not in out
+    assert [int(r["iteration"]) for r in _curves(tmp_path / "pfa")] == [1]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--data", "{tmp}/nothing"], "no manifest.json"),
+    (["--data", "{root}", "--init", "{tmp}/missing.pt"], "--init model file not found"),
+    (["--data", "{root}", "--val-split", "test"], "has no split 'test'"),
+    (["--data", "{root}", "--lr", "0"], "learning rate must be positive"),
+])
+def test_cli_train_errors(capsys, root, tmp_path, args, fragment):
+    argv = [a.format(tmp=tmp_path, root=root) for a in args]
+    code, out, err = run(capsys, "train", "--method", "ppc-flow", "--out", tmp_path / "o", "--device", "cpu",
+                         "--iterations", "1", "--quiet", *argv)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and fragment in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 processes (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_two_processes_train_like_one(root, tmp_path):
+    """``torchrun --nproc_per_node 2`` on the CPU (gloo): finishes with rc 0, rank 0 writes the model, and the
+    2-process run from the same seed gives the single-process losses (the global batch is split over the ranks)."""
+    runner = Path(sys.executable).with_name("torchrun")
+    launcher = [str(runner)] if runner.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    args = ["train", "--method", "flow", "--data", str(root), "--iterations", "4", "--batch-size", "4",
+            "--lr", "1e-3", "--val-every", "2", "--val-samples", "2", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*launcher, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(_free_port()), "-m", "PPCRegistrationLib.cli", *args,
+                           "--out", str(tmp_path / "ddp")], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed training: 2 processes (gloo)" in proc.stdout
+    assert proc.stdout.count("trained flow for 4 iterations") == 1, "only rank 0 reports"
+    op, meta = operator_from_file(tmp_path / "ddp" / "model.pt", method="flow")
+    assert meta["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        ["checkpoint.pt", "config.json", "curves.csv", "curves.png", "model.pt", "model_last.pt"])
+    single = tmp_path / "single"
+    train(_cfg("flow", iterations=4, val_every=2, val_samples=2, checkpoint_every=2), root, single,
+          progress=False, log=_quiet)
+    two, one = _curves(tmp_path / "ddp"), _curves(single)
+    assert [r["iteration"] for r in two] == [r["iteration"] for r in one] == ["2", "4"]
+    for r2, r1 in zip(two, one):
+        l2, l1 = float(r2["train_loss"]), float(r1["train_loss"])
+        assert math.isfinite(l2) and math.isfinite(l1)
+        assert l2 == pytest.approx(l1, rel=1e-3), (two, one)
+
+
+def test_cli_train_help(capsys):
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0 and "usage: ppcreg train" in out and "torchrun --nproc_per_node" in out
+    for opt in ("--method", "--data", "--iterations", "--batch-size", "--lr", "--weight-decay", "--lambda-epe",
+                "--val-every", "--val-samples", "--checkpoint-every", "--init", "--seed", "--device", "--no-resume"):
+        assert opt in out, opt
