@@ -37,7 +37,7 @@ LEARNED_METHODS = ("flow", "ppc-flow", "ppc-flow-attention")
 #: a FlowNetC small enough to train on a CPU (0.30 s per batch of 16 at 128 x 128 on one core; 0.14 M
 #: parameters); its correlation reaches +-32 network pixels.
 CPU_FLOW_HPARAMS = {"stride": 8, "max_disp": 4, "channels": 32, "decoder_channels": [64, 48, 32],
-                    "first_channels": 16}
+                    "first_channels": 16, "soft_argmax": True}
 
 MODEL_FORMAT = "PPCRegistrationLib.model"
 MODEL_VERSION = 1
@@ -155,12 +155,17 @@ class FlowNetC(nn.Module):
         channels: feature channels of the encoder's last stage.
         decoder_channels: widths of the decoder's hidden convolutions.
         first_channels: width of the encoder's first (half-resolution) stage.
+        soft_argmax: add to the decoder's output the soft-argmax of the cost volume of L2-normalised features
+            (expected displacement under a softmax with a learned temperature), as cost-volume networks
+            (PWC-Net, RAFT) do: the flow is then meaningful from the first iteration and the decoder learns a
+            residual, which trains far faster on a CPU budget.
     Attributes:
         hparams: the architecture hyper-parameters (stored in model files).
     """
 
     def __init__(self, stride: int = 4, max_disp: int = 6, channels: int = 64,
-                 decoder_channels: tuple[int, ...] = (128, 96, 64, 32), first_channels: int = 32) -> None:
+                 decoder_channels: tuple[int, ...] = (128, 96, 64, 32), first_channels: int = 32,
+                 soft_argmax: bool = False) -> None:
         super().__init__()
         if stride not in (4, 8):
             raise InputError(f"FlowNetC stride must be 4 or 8, got {stride}")
@@ -168,7 +173,11 @@ class FlowNetC(nn.Module):
             raise InputError("FlowNetC max_disp must be >= 1")
         self.hparams = {"stride": int(stride), "max_disp": int(max_disp), "channels": int(channels),
                         "decoder_channels": [int(c) for c in decoder_channels],
-                        "first_channels": int(first_channels)}
+                        "first_channels": int(first_channels), "soft_argmax": bool(soft_argmax)}
+        self.soft_argmax = bool(soft_argmax)
+        if self.soft_argmax:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.register_buffer("displacements", correlation_displacements(int(max_disp)).float(), persistent=False)
         self.stride = int(stride)
         self.max_disp = int(max_disp)
         c = int(channels)
@@ -215,6 +224,11 @@ class FlowNetC(nn.Module):
         f_drr, f_xray = feats.chunk(2, 0)
         corr = F.leaky_relu(correlation(f_drr, f_xray, self.max_disp), 0.1)
         coarse = self.head(self.decoder(torch.cat([corr, f_drr], 1)))
+        if self.soft_argmax:
+            cos = correlation(F.normalize(f_drr, dim=1), F.normalize(f_xray, dim=1), self.max_disp)
+            cos = cos * f_drr.shape[1]  # correlation() averages over channels: back to cosine similarity
+            prob = torch.softmax(cos * self.log_temperature.exp(), 1)  # (B, D, h, w)
+            coarse = coarse + torch.einsum("bdhw,dc->bchw", prob, self.displacements.to(prob.dtype))
         flow = _upsample_flow(coarse, s, h, w)
         return flow, coarse
 

@@ -261,3 +261,28 @@ def test_matcher_odd_window_pads_inside():
     uv_m, wts = LearnedMatcher(net)(None, None, g, g, uv, torch.zeros_like(uv), torch.ones(1, 3, dtype=torch.bool),
                                     20.0, {})
     assert uv_m.shape == (1, 3, 2) and wts.shape == (1, 3) and ((wts >= 0) & (wts <= 1)).all()
+
+
+def test_learned_operator_round_trip(tmp_path):
+    """The CPU operator (soft-argmax cost volume) saves and loads exactly, and a wrong method is refused."""
+    from PPCRegistrationLib.networks import LearnedOperator, operator_from_file
+
+    torch.manual_seed(0)
+    op = LearnedOperator("ppc-flow").eval()
+    assert op.flow_net.hparams["soft_argmax"] is True
+    img = _smooth_image(96, 96, seed=3, sigma=3.0)
+    shift = 8  # pixels along u: the X-ray is the DRR moved right
+    xray = torch.roll(img, shifts=shift, dims=1)
+    uv = torch.tensor([[[48.0, 48.0], [40.0, 52.0], [56.0, 44.0]]])
+    with torch.no_grad():
+        out = op(img[None], xray[None], uv)
+    assert out["flow"].shape == (1, 3, 2) and torch.isfinite(out["flow"]).all()
+    assert float(out["flow"].abs().max()) <= 4 * 8 + 1e-3 + float(op.flow_net.head.bias.abs().max()) * 8 + 1
+    path = tmp_path / "op.pt"
+    save_model(path, op, {"note": "test"})
+    op2, meta = operator_from_file(path, method="ppc-flow")
+    with torch.no_grad():
+        out2 = op2(img[None], xray[None], uv)
+    assert torch.equal(out["flow"], out2["flow"]) and meta["note"] == "test"
+    with pytest.raises(ModelFileError):
+        operator_from_file(path, method="flow")
