@@ -711,7 +711,7 @@ def _cmd_train(args) -> int:
         raise InputError(f"{data} is not a data set folder (no manifest.json): make one with `ppcreg make-dataset`")
     init = _check_file(args.init, "--init model")
     given = {k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "weight_decay", "lambda_epe",
-                                           "val_every", "val_samples", "checkpoint_every", "seed")
+                                           "out_of_plane", "val_every", "val_samples", "checkpoint_every", "seed")
              if getattr(args, k) is not None}
     cfg = TrainConfig(method=args.method, init=init, device=args.device, **given)
     res = train(cfg, data, Path(args.out).expanduser(), train_split=args.train_split, val_split=args.val_split,
@@ -787,6 +787,9 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--weight-decay", type=_nonneg_float("--weight-decay"), help="default 1e-6")
     p.add_argument("--lambda-epe", type=_nonneg_float("--lambda-epe"),
                    help="weight of the EPE (px) in the PPC losses, mTRE (mm) + lambda EPE (default 1)")
+    p.add_argument("--out-of-plane", type=_nonneg_float("--out-of-plane"),
+                   help="damping of the weakly observable directions (depth, rotations about the detector axes) "
+                        "in the PPC layer, as the registration's plain solver uses it (default 1; 0 = none)")
     p.add_argument("--val-every", type=_positive_int("--val-every"), help="validation period, steps (default 250)")
     p.add_argument("--val-samples", type=_positive_int("--val-samples"),
                    help="validation samples (the first N of the split; default 400)")

@@ -150,3 +150,22 @@ def solve_ppc_strict(*args, **kwargs) -> PPCSolution:
             f"{sol.n_effective.tolist()}, condition: {[f'{c:.2g}' for c in sol.condition.tolist()]}); "
             "enlarge the region of interest, lower the bone threshold, or raise the contour angle")
     return sol
+
+
+def out_of_plane_damping(R: torch.Tensor, mu: float | torch.Tensor) -> torch.Tensor:
+    """Damping matrix (for :func:`solve_ppc`'s ``damping``) of the directions one view observes weakly.
+
+    The rotations about the detector axes and the translation along the beam (the camera's z axis), for
+    C-arm rotations ``R (B, 3, 3)`` (world -> camera; its rows are the camera axes in world coordinates).
+
+    Args:
+        R: ``(B, 3, 3)`` world -> camera rotations.
+        mu: strength, relative to the mean eigenvalue of the scaled normal matrix (0 = no damping).
+    Returns:
+        ``(B, 6, 6)`` positive semi-definite matrix in ``R``'s dtype.
+    """
+    ex, ey, ez = R[:, 0], R[:, 1], R[:, 2]
+    d = torch.zeros(R.shape[0], 6, 6, dtype=R.dtype, device=R.device)
+    d[:, :3, :3] = ex[:, :, None] * ex[:, None, :] + ey[:, :, None] * ey[:, None, :]
+    d[:, 3:, 3:] = ez[:, :, None] * ez[:, None, :]
+    return d * mu

@@ -39,7 +39,7 @@ from .errors import InputError, PPCError
 from .geometry import centred_update
 from .metrics import mtre, reduction_factor
 from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
-from .ppc import solve_ppc
+from .ppc import out_of_plane_damping, solve_ppc
 
 __all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", "LEARNED_REGULARIZATION",
            "plot_curves", "DistInfo", "distributed_env", "init_distributed", "CURVE_FIELDS"]
@@ -57,6 +57,8 @@ class TrainConfig:
     iterations: optimiser steps.
     batch_size, lr, weight_decay: Adam on mini-batches (the paper: 16, 1e-4, 1e-6).
     lambda_epe: weight of the EPE (pixels) in the PPC losses (mTRE in mm + lambda * EPE).
+    out_of_plane: damping of the weakly observable directions in the PPC layer (see
+        :func:`~PPCRegistrationLib.ppc.out_of_plane_damping`; the registration's ``plain_out_of_plane``).
     mtre_clip_mm: per-sample mTRE loss is capped there (a wildly wrong update should not dominate a batch).
     grad_clip: gradient-norm clipping (0 = off).
     val_every, val_samples: validation period (steps) and number of validation samples.
@@ -74,6 +76,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-6
     lambda_epe: float = 1.0
+    out_of_plane: float = 1.0
     mtre_clip_mm: float = 100.0
     grad_clip: float = 10.0
     val_every: int = 250
@@ -122,7 +125,8 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
 
 
 def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, solve: bool = True,
-                  regularization: float = LEARNED_REGULARIZATION) -> dict[str, torch.Tensor]:
+                  regularization: float = LEARNED_REGULARIZATION,
+                  out_of_plane: float = 1.0) -> dict[str, torch.Tensor]:
     """One learned update of a batch of samples (fields of :mod:`PPCRegistrationLib.dataset`).
 
     Args:
@@ -130,6 +134,7 @@ def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, sol
         batch: stacked samples: ``xray``/``drr`` ``(B, H, W)``, ``uv`` ``(B, N, 2)``, ``mask`` ``(B, N)``, ...
         solve: also solve the PPC system and update the pose (differentiably).
         regularization: of the PPC solve.
+        out_of_plane: damping of the out-of-plane directions in the PPC solve (0 = none).
     Returns:
         ``uv_matched (B, N, 2)``, ``weights (B, N)``, ``epe (B,)`` (network pixels, mean over the contour
         points) and, when solving, ``T_est (B, 4, 4)``, ``mtre_before (B,)``, ``mtre_after (B,)`` (mm) and
@@ -151,7 +156,9 @@ def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, sol
         return res
     rays = proj.ray_directions(uv_m.to(torch.float64))
     wts = out["weights"].to(torch.float64) * mask.to(torch.float64)
-    sol = solve_ppc(pts.to(torch.float64), grads.to(torch.float64), src, rays, wts, regularization=regularization)
+    damp = out_of_plane_damping(proj.R, out_of_plane) if out_of_plane > 0 else None
+    sol = solve_ppc(pts.to(torch.float64), grads.to(torch.float64), src, rays, wts, regularization=regularization,
+                    damping=damp)
     T_init = batch["T_init"].to(torch.float64)
     T_est = centred_update(sol.dv, sol.centre, T_init)
     targets = batch["targets"].to(torch.float64)
@@ -177,7 +184,8 @@ def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: floa
 
 
 @torch.no_grad()
-def validate(op: LearnedOperator, data: ShardDataset, n: int, batch_size: int, device: torch.device) -> dict:
+def validate(op: LearnedOperator, data: ShardDataset, n: int, batch_size: int, device: torch.device,
+             out_of_plane: float = 1.0) -> dict:
     """Validation numbers over the first ``n`` samples: EPE (network px) and one update's mTRE (mm)."""
     was = op.training
     op.eval()
@@ -185,7 +193,7 @@ def validate(op: LearnedOperator, data: ShardDataset, n: int, batch_size: int, d
     n = min(n, len(data))
     for i in range(0, n, batch_size):
         batch = _to(_collate([data[j] for j in range(i, min(n, i + batch_size))]), device)
-        st = operator_step(op, batch)
+        st = operator_step(op, batch, out_of_plane=out_of_plane)
         epe.append(st["epe"].cpu())
         before.append(st["mtre_before"].cpu())
         after.append(st["mtre_after"].cpu())
@@ -515,7 +523,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
         mine = idx[dinfo.rank::world]  # this rank's part of the (global) batch
         batch = _to(_collate([train_data[j] for j in mine]), device)
-        st = operator_step(model, batch, solve=cfg.method != "flow")
+        st = operator_step(model, batch, solve=cfg.method != "flow", out_of_plane=cfg.out_of_plane)
         loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -535,7 +543,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
             run_loss = run_epe = run_mtre = 0.0
             run_n = 0
             if main:
-                v = validate(op, val_data, cfg.val_samples, cfg.batch_size, device)
+                v = validate(op, val_data, cfg.val_samples, cfg.batch_size, device, cfg.out_of_plane)
                 row = {"iteration": step, "train_loss": tot_loss / tot_n, "train_epe": tot_epe / tot_n,
                        "train_mtre": tot_mtre / tot_n, **v, "seconds": time.perf_counter() - t0}
                 with csv_path.open("a", newline="") as fh:

@@ -128,3 +128,29 @@ def test_bad_input_is_rejected():
         solve_ppc(pts[None], grads[None], proj.source, rays, -torch.ones(1, 20, dtype=torch.float64))
     with pytest.raises(InputError, match=r"\(B, N, 3\)"):
         solve_ppc(pts, grads, proj.source, rays[0])
+
+
+def test_out_of_plane_damping_holds_depth_and_keeps_in_plane_motion():
+    """The damped solve of an in-plane motion is (nearly) unchanged, a pure depth motion is held back."""
+    from PPCRegistrationLib.geometry import Projection, carm_pose
+    from PPCRegistrationLib.ppc import out_of_plane_damping
+
+    torch.manual_seed(0)
+    proj = Projection.from_carm(carm_pose(30.0, 10.0, 780.0, torch.zeros(3)), 1200.0, 256, 256, 1.5)
+    pts = torch.randn(1, 300, 3, dtype=torch.float64) * 20
+    grads = torch.randn(1, 300, 3, dtype=torch.float64)
+    D = out_of_plane_damping(proj.R, 1.0)
+    assert D.shape == (1, 6, 6) and torch.allclose(D, D.transpose(1, 2))
+    assert float(torch.linalg.eigvalsh(D[0]).min()) > -1e-12
+    ez = proj.R[0, 2]
+    for t, held in ((proj.R[0, 0] * 3.0, False), (ez * 3.0, True)):
+        moved = pts + t
+        uv = proj.project(moved)
+        rays = proj.ray_directions(uv)
+        free = solve_ppc(pts, grads, proj.source, rays).dv[0, 3:]
+        damped = solve_ppc(pts, grads, proj.source, rays, damping=D).dv[0, 3:]
+        assert torch.allclose(free, t, atol=5e-3)
+        if held:
+            assert float(torch.linalg.norm(damped)) < 0.7 * 3.0
+        else:
+            assert torch.allclose(damped, t, atol=0.05)
