@@ -877,8 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model file of a learned method (default Resources/Models/<learned>.pt of the repository, "
                         "or in --models-dir)")
     g.add_argument("--models-dir", metavar="DIR", help="folder of the default model files <learned>.pt")
-    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=10, metavar="K",
-                   help="chained methods: at most this many learned updates before the classic ones (default 10; "
+    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
+                   help="chained methods: at most this many learned updates before the classic ones (default 1; "
                         "they switch earlier after a learned update below 0.5 mm)")
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
@@ -915,8 +915,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<models-dir>/<learned>.pt")
     g.add_argument("--models-dir", metavar="DIR",
                    help="folder of the default model files <learned>.pt (default Resources/Models of the repository)")
-    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=10, metavar="K",
-                   help="chained methods: at most this many learned updates before the classic ones (default 10)")
+    g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
+                   help="chained methods: at most this many learned updates before the classic ones (default 1)")
     p.add_argument("--one-update", action="store_true",
                    help="one update per case only (iterations = 1): the paper's Table 1, cheap for many cases")
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")
