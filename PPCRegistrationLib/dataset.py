@@ -124,7 +124,7 @@ def make_sample(renderer: DRRRenderer, surface: SurfacePoints, seed: int, config
     u0 = int(min(max(round(float(uv0[0]) - c / 2), 0), full.width - c))
     v0 = int(min(max(round(float(uv0[1]) - c / 2), 0), full.height - c))
     proj = crop_projection(full, u0, v0, c, c)
-    dev = renderer_device(renderer)
+    dev = renderer.device
     xray = simulate_xray(renderer, proj.to(dev), T_gt.to(dev), seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)),
                          variation=variation)
     drr = renderer.render(proj.to(dev), T_init[None].to(dev))[0].detach().cpu().float()
@@ -160,11 +160,6 @@ def make_sample(renderer: DRRRenderer, surface: SurfacePoints, seed: int, config
             "flow_gt": out_flow, "mask": out_mask, "targets": targets,
             "initial_mtre": mtre(T_init, T_gt, pts).to(torch.float64),
             "vertebra": torch.tensor(int(vertebra), dtype=torch.int64)}
-
-
-def renderer_device(renderer: DRRRenderer) -> torch.device:
-    dev = getattr(renderer, "device", "cpu")
-    return torch.device(dev)
 
 
 def read_manifest(root: str | Path) -> dict:

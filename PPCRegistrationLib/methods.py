@@ -31,6 +31,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .devices import resolve_device
 from .errors import InputError, ModelFileError
 from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator_from_file
 from .registration import ClassicMatcher, IterationState, Matcher, Registration, RegistrationConfig
@@ -259,7 +260,7 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
     learned = learned_part(m)
     if learned is None:
         return out
-    dev = RegistrationConfig(device=str(device)).resolved_device()
+    dev = resolve_device(str(device))
     if operator is not None:
         if getattr(operator, "method", learned) != learned:
             raise ModelFileError(f"the given operator is a {operator.method!r} model, but method {m!r} needs "

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .devices import resolve_device
 from .drr import DRRRenderer, image_gradient
 from .errors import InputError, PPCError
 from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
@@ -109,11 +110,7 @@ class RegistrationConfig:
             raise InputError(f"solver must be 'robust' or 'plain', got {self.solver!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError("device 'cuda' was requested but no CUDA GPU is available: use 'cpu' or 'auto'")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from .dataset import ShardDataset, sample_projection
+from .devices import resolve_device
 from .errors import InputError, PPCError
 from .geometry import centred_update
 from .metrics import mtre, reduction_factor
@@ -101,23 +102,9 @@ class TrainConfig:
             raise InputError("the learning rate must be positive")
 
     def resolved_device(self, local_rank: int | None = None) -> torch.device:
-        """The torch device; with ``local_rank`` (a torchrun process) a plain ``cuda``/``auto`` on a GPU machine
-        becomes ``cuda:<local_rank>``."""
-        if self.device == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            if local_rank is None:
-                return torch.device(dev)
-        else:
-            dev = self.device
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError("device 'cuda' was requested but no CUDA GPU is available: use 'cpu' or 'auto'")
-        if dev == "cuda" and local_rank is not None:
-            n = torch.cuda.device_count()
-            if not 0 <= local_rank < n:
-                raise InputError(f"LOCAL_RANK is {local_rank} but this node has {n} GPU(s): start at most {n} "
-                                 "processes per node (torchrun --nproc_per_node)")
-            return torch.device("cuda", local_rank)
-        return torch.device(dev)
+        """The torch device (:func:`~PPCRegistrationLib.devices.resolve_device`); with ``local_rank`` (a torchrun
+        process) a plain ``cuda``/``auto`` on a GPU machine becomes ``cuda:<local_rank>``."""
+        return resolve_device(self.device, local_rank)
 
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
