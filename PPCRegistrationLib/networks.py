@@ -327,6 +327,22 @@ class PointNetAttention(nn.Module):
         logits = self.head(torch.cat([h, glob], -1))[..., 0]
         return torch.sigmoid(logits) * m.to(logits.dtype)
 
+    def weigh(self, uv: torch.Tensor, uv_matched: torch.Tensor, points_3d: torch.Tensor, gradients_3d: torch.Tensor,
+              source: torch.Tensor, centre: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights of correspondences: :func:`point_features` (computed in float64 on this network's device)
+        then :meth:`forward`. Arguments as :func:`point_features`; returns ``(B, N)`` on this network's device
+        and dtype."""
+        a = next(self.parameters())
+
+        def f64(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(a.device, torch.float64)
+
+        m = None if mask is None else mask.to(a.device)
+        feats = point_features(f64(uv), f64(uv_matched), f64(points_3d), f64(gradients_3d), f64(source), f64(centre),
+                               m)
+        return self(feats.to(a.dtype), m)
+
 
 # ----------------------------------------------------------------------------- the learned operator
 
@@ -442,12 +458,8 @@ class LearnedOperator(nn.Module):
             if points_3d is None or gradients_3d is None or source is None:
                 raise InputError("ppc-flow-attention needs the contour points, their gradients and the source "
                                  "(points_3d, gradients_3d, source)")
-            a = next(self.attention.parameters())
-            feats = point_features(uv_n.to(torch.float64), (uv_n + dp_n).to(torch.float64),
-                                   points_3d.to(a.device, torch.float64), gradients_3d.to(a.device, torch.float64),
-                                   source.to(a.device, torch.float64),
-                                   None if centre is None else centre.to(a.device, torch.float64), m.to(a.device))
-            weights = self.attention(feats.to(a.dtype), m.to(a.device)).to(p.device, p.dtype)
+            weights = self.attention.weigh(uv_n, uv_n + dp_n, points_3d, gradients_3d, source, centre,
+                                           m).to(p.device, p.dtype)
         return {"uv_matched": uv.to(p.device, p.dtype) + dp, "flow": dp, "weights": weights}
 
 
@@ -543,14 +555,8 @@ class LearnedMatcher:
             if self.attention is None:
                 weights = torch.ones_like(uv_m[..., 0])
             else:
-                a = next(self.attention.parameters())
-                feats = point_features(uv_n.to(a.device, torch.float64), uv_m.to(a.device, torch.float64),
-                                       context["points_3d"].to(a.device, torch.float64),
-                                       context["gradients_3d"].to(a.device, torch.float64),
-                                       context["source"].to(a.device, torch.float64),
-                                       None if context.get("centre") is None
-                                       else context["centre"].to(a.device, torch.float64), m.to(a.device))
-                weights = self.attention(feats.to(a.dtype), m.to(a.device)).to(dev, p.dtype)
+                weights = self.attention.weigh(uv_n, uv_m, context["points_3d"], context["gradients_3d"],
+                                               context["source"], context.get("centre"), m).to(dev, p.dtype)
         valid = m & (uv_m[..., 0] >= 0) & (uv_m[..., 0] <= w - 1) & (uv_m[..., 1] >= 0) & (uv_m[..., 1] <= h - 1)
         if self.limit_to_search and search_px is not None and search_px > 0:
             valid = valid & (torch.linalg.norm(dp, dim=-1) <= float(search_px))
