@@ -27,14 +27,7 @@ from PPCRegistrationLib.metrics import mtre
 from PPCRegistrationLib.simulation import XRayVariation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here (the renderer's many small operations were measured several times slower with two
-    threads on a shared 2-core machine); the previous setting is restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

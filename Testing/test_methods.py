@@ -15,14 +15,10 @@ import pytest
 import torch
 
 from PPCRegistrationLib import methods
-from PPCRegistrationLib.drr import DRRRenderer
 from PPCRegistrationLib.errors import InputError, ModelFileError
 from PPCRegistrationLib.evaluation import SUMMARY_KEYS, evaluate, summary_markdown, write_report
-from PPCRegistrationLib.features import extract_surface_points
-from PPCRegistrationLib.io import read_label_map, read_volume
 from PPCRegistrationLib.networks import LearnedMatcher, LearnedOperator, save_model
 from PPCRegistrationLib.registration import Registration, RegistrationConfig
-from PPCRegistrationLib.roi import roi_from_vertebra
 from PPCRegistrationLib.simulation import ViewSampler, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +37,8 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lumbar(lumbar_ct_path, lumbar_labels_path):
-    ct = read_volume(lumbar_ct_path)
-    roi = roi_from_vertebra(read_label_map(lumbar_labels_path, ct), "L3")
-    renderer = DRRRenderer(ct)
-    surface = extract_surface_points(ct, roi, budget=2000)
+def lumbar(lumbar_l3):
+    ct, roi, renderer, surface = lumbar_l3
     case = make_case(renderer, surface.points, 0, (5, 10), ViewSampler(detector_size_px=128))
     return ct, roi, renderer, surface, case
 

@@ -6,24 +6,16 @@ import math
 import pytest
 import torch
 
-from PPCRegistrationLib.drr import DRRRenderer
 from PPCRegistrationLib.errors import InputError
-from PPCRegistrationLib.features import extract_surface_points
 from PPCRegistrationLib.geometry import Projection, carm_pose, translation_matrix
-from PPCRegistrationLib.io import read_label_map, read_volume
 from PPCRegistrationLib.metrics import mrpd, mtre, reduction_factor, summarize
 from PPCRegistrationLib.registration import Registration, RegistrationConfig
-from PPCRegistrationLib.roi import roi_from_vertebra
 from PPCRegistrationLib.simulation import XRayVariation, make_case, random_initial_transform
 
 
 @pytest.fixture(scope="module")
-def lumbar(lumbar_ct_path, lumbar_labels_path):
-    ct = read_volume(lumbar_ct_path)
-    roi = roi_from_vertebra(read_label_map(lumbar_labels_path, ct), "L3")
-    renderer = DRRRenderer(ct)
-    surface = extract_surface_points(ct, roi, budget=2000)
-    return ct, roi, renderer, surface
+def lumbar(lumbar_l3):
+    return lumbar_l3
 
 
 def _reg(lumbar, case, **cfg):

@@ -4,20 +4,12 @@ trained on the sample chest CT only, and on the held-out lumbar CT one update re
 from __future__ import annotations
 
 import pytest
-import torch
 
 from PPCRegistrationLib import methods
 from PPCRegistrationLib.evaluation import evaluate
-from PPCRegistrationLib.io import read_label_map, read_volume
-from PPCRegistrationLib.roi import roi_from_vertebra
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("method", methods.LEARNED_METHODS)
@@ -35,11 +27,10 @@ def test_shipped_model_loads_with_its_card(method):
     assert path.stat().st_size < 5_000_000
 
 
-def test_shipped_ppc_flow_attention_reduces_error_on_the_held_out_lumbar_ct(lumbar_ct_path, lumbar_labels_path):
+def test_shipped_ppc_flow_attention_reduces_error_on_the_held_out_lumbar_ct(lumbar_l3):
     """One update from 20 mm on 6 cases of the lumbar CT (never seen in training): the mean error falls."""
-    ct = read_volume(lumbar_ct_path)
-    roi = roi_from_vertebra(read_label_map(lumbar_labels_path, ct), "L3")
+    ct, roi, renderer, surface = lumbar_l3
     res = evaluate(ct, roi, ["ppc-flow-attention"], n_cases=6, seed=1000, mtre_range=(20.0, 20.0), iterations=1,
-                   progress=False)
+                   progress=False, renderer=renderer, surface=surface)
     one = res["summary"]["methods"]["ppc-flow-attention"]["one_update"]
     assert one["mtre_mean"] < 0.9 * res["summary"]["initial"]["mtre_mean"]

@@ -31,13 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIXEL_MM = 380.0 / 128  # the tiny data set's network pixel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here (a shared 2-core machine); restored for the other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from PPCRegistrationLib.networks import operator_from_file
-from PPCRegistrationLib.networks import state_dict_sha256  # noqa: F401  (documents what the checksum covers)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "Resources" / "Models"
