@@ -433,7 +433,7 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """One update per timer tick: the GUI stays responsive between updates."""
         session = self.logic.session
         reg = session.registration if session else None
-        if reg is None or reg.stop_requested or reg.iteration >= reg.config.max_iterations:
+        if reg is None or reg.stop_requested or reg.budget_spent:
             self.stopTimer("stopped" if reg is not None and reg.stop_requested else None)
             return
         try:
@@ -444,7 +444,7 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("PPCRegistration update failed")
             return
         self.showState(state)
-        self.ui.progressBar.setValue(int(100 * reg.iteration / max(1, reg.config.max_iterations)))
+        self.ui.progressBar.setValue(min(100, int(100 * reg.ppc_iterations / max(1, reg.config.max_iterations))))
         if state.status != "running":
             self.stopTimer(state.status)
 

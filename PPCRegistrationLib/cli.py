@@ -109,6 +109,23 @@ def _positive_int(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _nonneg_int(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be 0 or more, got {v}")
+        return v
+
+    return parse
+
+
+_REFINE_HELP = ("L-BFGS iterations per scale of the intensity refinement (gradient correlation of DRR and X-ray over "
+                "the pose) after the classic PPC updates; 0 = off (default 20)")
+
+
 def _nonneg_float(name: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -310,7 +327,8 @@ def _history_row(st) -> dict[str, float]:
 def _iteration_line(st, show_operator: bool = False) -> str:
     mt = f"  mTRE {st.mtre_mm:7.3f} mm" if st.mtre_mm is not None else ""
     extra = f"  [{st.status}]" if st.status != "running" else ""
-    op = f"  {getattr(st, 'operator', '') or '?':<18}" if show_operator else ""
+    operator = getattr(st, "operator", "") or "?"
+    op = f"  {operator:<18}" if show_operator or operator == "refine" else ""
     return (f"iteration {st.iteration:3d}{op}{mt}  update {st.update_mm:7.3f} mm {st.update_deg:6.3f} deg  "
             f"contour points {st.n_contour:5d}  mean weight {st.mean_weight:.3f}  {st.seconds:6.3f} s{extra}")
 
@@ -339,7 +357,7 @@ def _cmd_register(args) -> int:
         raise InputError(f"the X-ray {xray_path} has {xray.height}x{xray.width} pixels (rows x columns) but the "
                          f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
     cfg = RegistrationConfig(method=method_name, max_iterations=args.iterations, tolerance_mm=args.tolerance,
-                             device=args.device)
+                             device=args.device, refine_iterations=args.refine_iterations)
     method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
                             device=cfg.resolved_device(), learned_steps=args.learned_steps)
     ct, roi, desc = _load_ct_and_roi(args)
@@ -353,7 +371,7 @@ def _cmd_register(args) -> int:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.iterations, desc="register", unit="it", disable=True if args.quiet else None,
+    bar = tqdm(total=args.iterations + (len(cfg.refine_sigmas_px) if cfg.refine_iterations else 0), desc="register", unit="it", disable=True if args.quiet else None,
                leave=False, file=sys.stderr)
 
     def callback(st) -> None:
@@ -380,10 +398,10 @@ def _cmd_register(args) -> int:
     config = {"registration": cfg.to_dict(), "inputs": {**desc, "xray": xray_path, "geometry": geometry_path,
                                                          "init": init_path, "gt": gt_path},
               "status": result.status, "message": result.message,
-              "model": None if method.model_path is None else str(method.model_path)}
+              "model": None if method.model_path is None else str(method.model_path),
+              "operators": [st.operator for st in result.history]}
     if method.chained:
-        config.update(learned_steps=method.learned_steps, switch_mm=method.switch_mm,
-                      operators=[st.operator for st in result.history])
+        config.update(learned_steps=method.learned_steps, switch_mm=method.switch_mm)
     formats.save_result(out / "result.json", formats.ResultRecord(
         final_transform=T_final, initial_transform=T_init, method=method_name, frame="LPS",
         history=[_history_row(st) for st in result.history], metrics=metrics, config=config))
@@ -432,6 +450,7 @@ def _cmd_register(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate, write_report
     from .methods import learned_part, parse_methods, resolve_method
+    from .registration import RegistrationConfig
 
     out = Path(args.out).expanduser()
     methods = parse_methods(args.methods)
@@ -456,7 +475,7 @@ def _cmd_evaluate(args) -> int:
                       iterations=iterations, detector_px=args.detector_px, tolerance_mm=args.tolerance,
                       device=args.device, variation=XRayVariation.none() if args.no_variation else None,
                       models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
-                      progress=not args.quiet)
+                      config=RegistrationConfig(refine_iterations=args.refine_iterations), progress=not args.quiet)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
     _say(paths["summary.md"].read_text(encoding="utf-8"))
@@ -884,6 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
                    help="stop when an update moves the targets by less than this (mm, default 0.05)")
+    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=20, metavar="N",
+                   help=_REFINE_HELP)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no per-iteration lines and no progress bar")
@@ -907,6 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05, help="mm (default 0.05)")
+    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=20, metavar="N",
+                   help=_REFINE_HELP)
     g = p.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", default=["classic"], metavar="M",
                    help=f"methods to compare, separated by commas or blanks: {_METHODS_HELP} (default classic)")

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,7 +31,7 @@ from .features import SurfacePoints, extract_surface_points
 from .metrics import mrpd, mtre, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, models_from_mapping, \
     normalize_method, resolve_method
-from .registration import Matcher, Registration, RegistrationConfig
+from .registration import REFINE, Matcher, Registration, RegistrationConfig
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
@@ -133,6 +134,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     base = config or RegistrationConfig()
     cfg = RegistrationConfig(**{**base.to_dict(), "max_iterations": int(iterations),
                                 "tolerance_mm": float(tolerance_mm), "device": device})
+    if int(iterations) == 1:  # one update only (Table 1): no intensity refinement after it
+        cfg = replace(cfg, refine_iterations=0)
     dev = cfg.resolved_device()
     # the learned operators are loaded (and their files checked) once, before any case is simulated
     model_files = models_from_mapping(models)
@@ -219,7 +222,9 @@ def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method |
         "mrpd_one_update_mm": float(mrpd(T_one[None], T_gt[None], targets, proj)[0]),
         "mtre_final_mm": float(mtre(T_fin, T_gt, targets)),
         "mrpd_final_mm": float(mrpd(T_fin[None], T_gt[None], targets, proj)[0]),
-        "iterations": int(res.iterations),
+        # PPC updates (learned or classic); the intensity refinement's updates are counted apart
+        "iterations": sum(1 for st in res.history if st.operator != REFINE),
+        "refine_updates": sum(1 for st in res.history if st.operator == REFINE),
         "seconds": float(res.seconds),
         "seconds_one_update": float(res.history[0].seconds) if res.history else 0.0,
         "status": res.status,

@@ -160,7 +160,8 @@ def method_config(method: str, base: RegistrationConfig | None = None,
     method's overrides.  For a chained method these are the settings of its *learned* phase; the classic phase
     uses ``base`` with ``method="classic"``.
 
-    Learned: ``solver="plain"`` (one weighted PPC solve, as in training), no coarse pre-alignment, and a fixed
+    Learned: ``solver="plain"`` (one weighted PPC solve, as in training), no coarse pre-alignment, no intensity
+    refinement (a learned operator alone is evaluated as it is; a chain's classic phase refines), and a fixed
     search range ``search_px`` (default :data:`LEARNED_SEARCH_PX`; :meth:`Method.registration` uses the
     operator's reach, :func:`learned_search_px`): the window rendered around the region of interest has that
     margin (plus ``window_margin_px``), and matches displaced farther are dropped.
@@ -171,7 +172,7 @@ def method_config(method: str, base: RegistrationConfig | None = None,
         return replace(base, method=CLASSIC)
     s = float(LEARNED_SEARCH_PX if search_px is None else search_px)
     return replace(base, method=learned_part(m), solver="plain", coarse_search_px=0.0, search_px=s,
-                   min_search_px=s)
+                   min_search_px=s, refine_iterations=0)
 
 
 @dataclass

@@ -25,7 +25,11 @@ from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_
 from .matching import match_along_normals
 from .metrics import mtre as mtre_fn
 from .ppc import out_of_plane_damping, solve_ppc
+from .refine import refine_pose
 from .volume import Volume
+
+#: the ``operator`` of the intensity refinement's updates in the history
+REFINE = "refine"
 
 STATUSES = ("running", "converged", "max_iterations", "diverged", "stopped", "rank_deficient", "failed")
 
@@ -70,6 +74,12 @@ class RegistrationConfig:
         noisy correspondences throw the depth off (mean one-update mTRE 65 mm on 160 validation samples,
         17 mm with it, from 23 mm).
     coarse_search_px: half-range (px) of the global 2D pre-alignment before the first update (0 = off).
+    refine_iterations: L-BFGS iterations per scale of the intensity refinement that follows the PPC updates
+        (:mod:`PPCRegistrationLib.refine`: gradient correlation of DRR and X-ray maximised over the pose, one
+        update per scale of ``refine_sigmas_px``); 0 = off.  It runs when the PPC updates converged or used up
+        ``max_iterations`` (not after a divergence).
+    refine_sigmas_px, refine_highpass_px, refine_blur_px: its gradient scales (coarse to fine), high-pass filter
+        and DRR blur (pixels), see :func:`~PPCRegistrationLib.refine.refine_pose`.
     device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
     """
 
@@ -102,12 +112,21 @@ class RegistrationConfig:
     window_margin_px: int = 24
     solver: str = "robust"
     plain_out_of_plane: float = 1.0
+    refine_iterations: int = 20
+    refine_sigmas_px: tuple[float, ...] = (6.0, 3.0, 1.5)
+    refine_highpass_px: float = 4.0
+    refine_blur_px: float = 0.75
     device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.solver not in ("robust", "plain"):
             raise InputError(f"solver must be 'robust' or 'plain', got {self.solver!r}")
+        if self.refine_iterations < 0 or (self.refine_iterations and (not self.refine_sigmas_px or any(
+                not (float(x) > 0) for x in self.refine_sigmas_px))):
+            raise InputError("refine_iterations must be >= 0 and refine_sigmas_px positive scales (pixels), got "
+                             f"{self.refine_iterations} and {self.refine_sigmas_px}")
+        self.refine_sigmas_px = tuple(float(x) for x in self.refine_sigmas_px)
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -285,6 +304,9 @@ class Registration:
         self.status = "running"
         self.damping = float(self.config.damping_initial)
         self.stop_requested = False
+        self.refining = False
+        self.refine_level = 0
+        self._ppc_outcome = "converged"
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
     def stop(self) -> None:
@@ -397,8 +419,87 @@ class Registration:
         return u0, v0, u1 - u0 + 1, v1 - v0 + 1
 
     # ------------------------------------------------------------------ one update
+    @property
+    def refine_enabled(self) -> bool:
+        """Whether this registration ends with the intensity refinement (``config.refine_iterations > 0``)."""
+        return int(self.config.refine_iterations) > 0
+
+    @property
+    def ppc_iterations(self) -> int:
+        """Number of PPC updates made so far (the refinement's updates not counted)."""
+        return sum(1 for st in self.history if st.operator != REFINE)
+
+    @property
+    def budget_spent(self) -> bool:
+        """True when :meth:`run` would stop for ``max_iterations``: the PPC updates are used up and no refinement
+        is pending (the GUI's timer loop asks this before every update)."""
+        return not self.refining and self.ppc_iterations >= self.config.max_iterations
+
     def step(self) -> IterationState:
-        """One update of the operator from the current estimate; returns what it did."""
+        """One update from the current estimate (a PPC update, or one scale of the intensity refinement once
+        the PPC updates have converged or used up ``max_iterations``); returns what it did."""
+        if self.refining:
+            return self._refine_step()
+        st = self._ppc_step()
+        if not self.refine_enabled or st.operator == REFINE:
+            return st
+        done = st.status == "converged" or (st.status == "running"
+                                            and self.ppc_iterations >= self.config.max_iterations)
+        if done:
+            self._ppc_outcome = "converged" if st.status == "converged" else "max_iterations"
+            self.refining = True
+            self.refine_level = 0
+            st.status = "running"
+            self.status = "running"
+            st.message = (st.message + "; " if st.message else "") + "intensity refinement follows"
+        return st
+
+    def _refine_step(self) -> IterationState:
+        """One scale of the intensity refinement (:func:`~PPCRegistrationLib.refine.refine_pose`)."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        sigmas = cfg.refine_sigmas_px
+        sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
+        T = self.T
+        res = refine_pose(self.renderer, self.xray, self.projection, T, self.surface.points, sigmas_px=(sigma,),
+                          iterations=int(cfg.refine_iterations), highpass_px=cfg.refine_highpass_px,
+                          blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px),
+                          should_stop=lambda: self.stop_requested)
+        T_new = res.T.to(T)
+        self.refine_level += 1
+        last = self.refine_level >= len(sigmas) or res.message == "stopped on request"
+        status = self._ppc_outcome if last else "running"
+        if res.accepted:
+            self.T = T_new
+            self.best_T = T_new.clone()
+            message = (f"intensity refinement at {sigma:g} px: gradient correlation {res.similarity_before:.4f} -> "
+                       f"{res.similarity_after:.4f} ({res.evaluations} renders)")
+        else:
+            message = f"intensity refinement at {sigma:g} px kept the estimate: {res.message}"
+        if last:
+            self.refining = False
+        # the DRR at the new estimate, for display (the window of the region of interest)
+        proj = self.projection
+        drr_full = torch.zeros(proj.height, proj.width)
+        win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
+        if win is not None:
+            u0, v0, ww, wh = win
+            with torch.no_grad():
+                drr = self.renderer.render(crop_projection(proj, u0, v0, ww, wh), self.T[None])
+            drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
+        empty = torch.zeros(0, 3, dtype=torch.float64)
+        st = IterationState(iteration=self.iteration + 1, T=self.T.detach().cpu().clone(),
+                            update_mm=float(mtre_fn(self.T, T, self.targets)),
+                            update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T))), n_contour=0,
+                            mean_weight=0.0, seconds=time.perf_counter() - t0, similarity=res.similarity_after,
+                            mtre_mm=self.mtre(self.T), points_3d=empty, uv=empty[:, :2], uv_matched=empty[:, :2],
+                            weights=empty[:, 0], drr=drr_full, status=status, message=message, operator=REFINE)
+        self.history.append(st)
+        self.status = status
+        return st
+
+    def _ppc_step(self) -> IterationState:
+        """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
         if self.iteration == 0 and cfg.coarse_search_px > 0:
@@ -620,7 +721,7 @@ class Registration:
         self.stop_requested = False
         status = "max_iterations"
         message = ""
-        while self.iteration < self.config.max_iterations:
+        while not self.budget_spent:
             if self.stop_requested or (should_stop is not None and should_stop()):
                 status, message = "stopped", "stopped on request"
                 break

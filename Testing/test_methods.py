@@ -116,7 +116,7 @@ def test_untrained_model_loads_and_corrupt_or_wrong_one_fails(models_dir, tmp_pa
 def test_every_method_runs_a_few_updates(lumbar, models_dir):
     for name in methods.ALL_METHODS:
         m = methods.resolve_method(name, models_dir=models_dir)
-        reg, res = _run(lumbar, m, max_iterations=2, tolerance_mm=0.0)
+        reg, res = _run(lumbar, m, max_iterations=2, tolerance_mm=0.0, refine_iterations=0)
         assert 1 <= res.iterations <= 2, name
         assert res.history[0].operator == (methods.learned_part(name) or "classic"), name
         assert torch.isfinite(res.T).all(), name
@@ -128,12 +128,14 @@ def test_chain_switches_from_learned_to_classic_after_k_updates(lumbar, models_d
     seen = []
     ct, roi, renderer, surface, case = lumbar
     reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
-                         RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0), T_gt=case.T_gt,
-                         surface=surface, renderer=renderer)
+                         RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0, refine_iterations=3),
+                         T_gt=case.T_gt, surface=surface, renderer=renderer)
     assert isinstance(reg, methods.PipelineRegistration) and reg.phase == "learned"
     res = reg.run(callback=seen.append)
-    assert [st.operator for st in res.history] == ["ppc-flow-attention"] * 2 + ["classic"] * 2
-    assert len(seen) == res.iterations == 4 and res.status == "max_iterations"
+    # the learned phase never refines; the classic phase ends with one intensity refinement update per scale
+    n_refine = len(RegistrationConfig().refine_sigmas_px)
+    assert [st.operator for st in res.history] == ["ppc-flow-attention"] * 2 + ["classic"] * 2 + ["refine"] * n_refine
+    assert len(seen) == res.iterations == 4 + n_refine and res.status == "max_iterations"
     assert reg.phase == "classic" and reg.config.solver == "robust"
     assert reg.pipeline_config.method == "ppc-flow-attention+classic"
     # reset goes back to the learned phase; step by step gives the same sequence
@@ -148,7 +150,7 @@ def test_chain_switches_early_after_a_small_learned_update(lumbar, models_dir):
     # the untrained operator predicts an almost zero flow: its first update is tiny (< 0.5 mm), so the pipeline
     # goes on with classic updates instead of stopping as converged
     m = methods.resolve_method("ppc-flow+classic", models_dir=models_dir)
-    reg, res = _run(lumbar, m, max_iterations=3)
+    reg, res = _run(lumbar, m, max_iterations=3, refine_iterations=0)
     ops = [st.operator for st in res.history]
     assert ops[0] == "ppc-flow" and ops[1:] == ["classic"] * (len(ops) - 1) and len(ops) >= 2
     assert res.history[0].update_mm < methods.DEFAULT_SWITCH_MM

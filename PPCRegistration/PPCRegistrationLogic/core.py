@@ -790,9 +790,11 @@ class PPCRegistrationCoreLogic:
                 disp.SetAutoWindowLevel(False)
                 disp.SetWindowLevelMinMax(float(lo), float(max(hi, lo + 1e-6)))
 
+        pts3 = getattr(state, "points_3d", None)
+        if pts3 is not None and int(pts3.shape[0]) == 0 and getattr(state, "operator", "") == "refine":
+            return  # the intensity refinement has no correspondences: the last PPC update's stay on display
         weights = getattr(state, "weights", None)
         w = None if weights is None else _tensor(weights).reshape(-1).numpy()
-        pts3 = getattr(state, "points_3d", None)
         if pts3 is not None:
             p3 = _tensor(pts3).reshape(-1, 3).numpy()
             self.contour3DNode.SetAndObservePolyData(_pointsPolyData(p3, w if w is not None else np.ones(len(p3))))

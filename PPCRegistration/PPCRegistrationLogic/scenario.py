@@ -182,7 +182,8 @@ def checkOutputs(logic, sc: Scenario, res: ScenarioResult) -> list[str]:
     if not np.allclose(core.ijkToRASArray(nodes["drr"]), core.xrayIJKToRAS(sc.projection), atol=1e-6):
         problems.append("the DRR does not lie on the detector plane")
     # points and vectors: counts and weights
-    last = res.states[-1] if res.states else None
+    # the last update with correspondences (the intensity refinement's updates have none and keep them shown)
+    last = next((st for st in reversed(res.states) if getattr(st, "operator", "") != "refine"), None)
     n = int(last.points_3d.shape[0]) if last is not None else 0
     if n == 0:
         problems.append("the last update had no contour points")
