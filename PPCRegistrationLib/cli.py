@@ -595,6 +595,30 @@ def _cmd_bench(args) -> int:
     _say(f"{'stage':<40} {'median [ms]':>12}")
     for name, fn in stages:
         _say(f"{name:<40} {_median_ms(fn, reps, sync):>12.2f}")
+
+    # the intensity refinement that ends a classic registration: one render with gradients, and a whole scale
+    from .refine import refine_pose
+
+    evals: list[int] = []
+
+    def one_scale():
+        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=(cfg.refine_sigmas_px[-1],),
+                        iterations=cfg.refine_iterations, highpass_px=cfg.refine_highpass_px,
+                        blur_px=cfg.refine_blur_px, margin_px=cfg.window_margin_px)
+        evals.append(r.evaluations)
+
+    def one_render_with_gradient():
+        d = torch.zeros(6, dtype=torch.float64, device=T.device, requires_grad=True)
+        from .geometry import se3_exp
+
+        renderer.render(sub, (se3_exp(d) @ T)[None]).sum().backward()
+
+    _say("")
+    _say(f"intensity refinement (refine.refine_pose, {cfg.refine_iterations} L-BFGS iterations per scale, "
+         f"{len(cfg.refine_sigmas_px)} scales)")
+    _say(f"{'render + backward (DRR window)':<40} {_median_ms(one_render_with_gradient, reps, sync):>12.2f}")
+    t_scale = _median_ms(one_scale, reps, sync)
+    _say(f"{'one scale (' + str(int(statistics.median(evals))) + ' renders)':<40} {t_scale:>12.2f}")
     return EXIT_OK
 
 

@@ -443,10 +443,11 @@ class Registration:
         st = self._ppc_step()
         if not self.refine_enabled or st.operator == REFINE:
             return st
-        done = st.status == "converged" or (st.status == "running"
-                                            and self.ppc_iterations >= self.config.max_iterations)
+        done = st.status in ("converged", "diverged") or (st.status == "running"
+                                                          and self.ppc_iterations >= self.config.max_iterations)
         if done:
-            self._ppc_outcome = "converged" if st.status == "converged" else "max_iterations"
+            # after a divergence the estimate was reverted to the best one: the refinement starts from there
+            self._ppc_outcome = st.status if st.status != "running" else "max_iterations"
             self.refining = True
             self.refine_level = 0
             st.status = "running"

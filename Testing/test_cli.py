@@ -265,7 +265,8 @@ def test_bench_small(capsys, lumbar_ct_path, lumbar_labels_path):
     code, out, err = run(capsys, "bench", "--ct", lumbar_ct_path, "--labels", lumbar_labels_path, "--vertebra",
                          "L3", "--sizes", "32", "--step-px", "96", "--repeats", "1")
     assert code == 0, err
-    for word in ("DRRRenderer", "reference", "render", "gradients", "contour", "matching", "solve"):
+    for word in ("DRRRenderer", "reference", "render", "gradients", "contour", "matching", "solve",
+                 "intensity refinement", "render + backward", "one scale ("):
         assert word in out, word
 
 
