@@ -33,7 +33,7 @@ from .drr import DRRRenderer, image_gradient
 from .errors import InputError
 from .geometry import Projection, se3_exp, transform_points, translation_matrix
 
-__all__ = ["gradient_correlation", "highpass", "RefineResult", "refine_pose", "refine_window"]
+__all__ = ["gradient_correlation", "highpass", "RefineResult", "refine_pose", "refine_window", "pose_similarity"]
 
 #: scale of the optimised parameters: one unit = 0.02 rad of rotation or 2 mm of translation, so that a unit
 #: step moves the points of a vertebra-sized region by about as much in either
@@ -216,3 +216,16 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         best_T, after = T, before
     return RefineResult(T=best_T.detach(), accepted=accepted, similarity_before=before, similarity_after=after,
                         evaluations=evaluations, seconds=time.perf_counter() - t0, message=message)
+
+
+def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
+                    points: torch.Tensor, *, sigma_px: float = 1.5, highpass_px: float = 4.0, blur_px: float = 0.75,
+                    margin_px: int = 24) -> float:
+    """The gradient correlation :func:`refine_pose` maximises, of one pose ``T (4, 4)`` (window around the
+    projected ``points (N, 3)``), without gradients: comparable between poses of the same X-ray.
+
+    Raises:
+        InputError: the points project outside the detector."""
+    res = refine_pose(renderer, xray, projection, T, points, sigmas_px=(sigma_px,), iterations=1,
+                      highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, should_stop=lambda: True)
+    return res.similarity_before

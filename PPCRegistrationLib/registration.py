@@ -5,6 +5,13 @@ interest), selects contour points, finds their correspondences in the X-ray (cla
 operator plugged in through :class:`Matcher`), solves the weighted PPC system with robust re-weighting and
 applies the centred rigid update.  The loop keeps the history and the best estimate, stops on convergence,
 on a stop request, or on divergence (then it falls back to the best estimate), and can be reset.
+
+When the PPC updates are done, the intensity refinement (:mod:`PPCRegistrationLib.refine`, one update per
+scale) optimises the pose on the images.  If the result then correlates with the X-ray less than the initial
+estimate does, or less than ``retry_below_similarity``, a second attempt starts from the initial estimate (no
+2D pre-alignment, stopping when the similarity stops improving), and the registration keeps whichever of the
+two results and the initial estimate correlates best: a registration never ends further from the X-ray, by
+its own measure, than it started.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_
 from .matching import match_along_normals
 from .metrics import mtre as mtre_fn
 from .ppc import out_of_plane_damping, solve_ppc
-from .refine import refine_pose
+from .refine import pose_similarity, refine_pose
 from .volume import Volume
 
 #: the ``operator`` of the intensity refinement's updates in the history
@@ -80,6 +87,13 @@ class RegistrationConfig:
         ``max_iterations`` (not after a divergence).
     refine_sigmas_px, refine_highpass_px, refine_blur_px: its gradient scales (coarse to fine), high-pass filter
         and DRR blur (pixels), see :func:`~PPCRegistrationLib.refine.refine_pose`.
+    retry_below_similarity: after the refinement, when the result's gradient correlation (the refinement's measure)
+        is below this value or not above that of the initial estimate, the registration starts again from the
+        initial estimate without the 2D pre-alignment and with ``retry_patience``, and keeps whichever of the two
+        results and the initial estimate correlates best with the X-ray (0 = only when worse than the initial
+        estimate; needs the refinement).  Measured on 10 lumbar failures of the first attempt: 5 rescued.
+    retry_patience: ``patience`` of that second attempt (it stops and reverts to its best estimate when the image
+        similarity has not improved for that many updates).
     device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
     """
 
@@ -116,6 +130,8 @@ class RegistrationConfig:
     refine_sigmas_px: tuple[float, ...] = (6.0, 3.0, 1.5)
     refine_highpass_px: float = 4.0
     refine_blur_px: float = 0.75
+    retry_below_similarity: float = 0.7
+    retry_patience: int = 5
     device: str = "cpu"
     seed: int = 0
 
@@ -307,6 +323,11 @@ class Registration:
         self.refining = False
         self.refine_level = 0
         self._ppc_outcome = "converged"
+        #: 1 for the first registration attempt, 2 for the retry from the initial estimate (see
+        #: ``RegistrationConfig.retry_below_similarity``)
+        self.attempt = 1
+        self._attempt_start = 0
+        self._candidates: list[tuple[float, torch.Tensor, str]] = []
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
     def stop(self) -> None:
@@ -426,8 +447,8 @@ class Registration:
 
     @property
     def ppc_iterations(self) -> int:
-        """Number of PPC updates made so far (the refinement's updates not counted)."""
-        return sum(1 for st in self.history if st.operator != REFINE)
+        """Number of PPC updates of the current attempt so far (the refinement's updates not counted)."""
+        return sum(1 for st in self.history[self._attempt_start:] if st.operator != REFINE)
 
     @property
     def budget_spent(self) -> bool:
@@ -479,6 +500,8 @@ class Registration:
             message = f"intensity refinement at {sigma:g} px kept the estimate: {res.message}"
         if last:
             self.refining = False
+            status, extra = self._end_attempt(res.similarity_after)
+            message = message + extra
         # the DRR at the new estimate, for display (the window of the region of interest)
         proj = self.projection
         drr_full = torch.zeros(proj.height, proj.width)
@@ -499,11 +522,53 @@ class Registration:
         self.status = status
         return st
 
+    def _end_attempt(self, similarity: float) -> tuple[str, str]:
+        """After the refinement of an attempt: retry from the initial estimate, or pick the final estimate.
+        Returns the status of the update and a note for its message."""
+        cfg = self.config
+        self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
+        initial = self._initial_similarity()
+        if self.attempt == 1:
+            if self.stop_requested or (similarity >= cfg.retry_below_similarity and similarity > initial):
+                return self._ppc_outcome, ""
+            # start again from the initial estimate, without the 2D pre-alignment, stopping on a falling similarity
+            self.attempt = 2
+            self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
+            self.T = self.T_init.clone()
+            self.best_T = self.T_init.clone()
+            self.best_similarity = -math.inf
+            self.since_best = 0
+            self.search_px = float(cfg.search_px)
+            self.damping = float(cfg.damping_initial)
+            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
+                               "starting again from the initial estimate without the 2D pre-alignment")
+        options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
+        k = max(range(len(options)), key=lambda i: options[i][0])
+        sim, T, outcome = options[k]
+        self.T = T.clone()
+        self.best_T = T.clone()
+        which = ("the first attempt", "the second attempt", "the initial estimate")[min(k, 2)] \
+            if len(options) == 3 else f"candidate {k + 1}"
+        return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
+
+    def _initial_similarity(self) -> float:
+        """The refinement's gradient correlation at the initial estimate (computed once)."""
+        if getattr(self, "_initial_sim", None) is None:
+            cfg = self.config
+            try:
+                self._initial_sim = pose_similarity(
+                    self.renderer, self.xray, self.projection, self.T_init, self.surface.points,
+                    sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
+                    blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
+            except InputError:  # the initial estimate projects outside the detector
+                self._initial_sim = -math.inf
+        return float(self._initial_sim)
+
     def _ppc_step(self) -> IterationState:
         """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
-        if self.iteration == 0 and cfg.coarse_search_px > 0:
+        if self.iteration == 0 and self.attempt == 1 and cfg.coarse_search_px > 0:
             self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients
@@ -639,9 +704,12 @@ class Registration:
         self.T = T_new
         if upd_mm < cfg.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
-        if cfg.patience > 0 and self.since_best >= cfg.patience:
+        patience = cfg.patience if self.attempt == 1 else cfg.retry_patience
+        if patience > 0 and self.since_best >= patience:
             self.T = self.best_T.clone()
-            return finish("diverged", f"no improvement of the image similarity for {cfg.patience} updates: "
+            # the retry's stopping rule (a falling similarity) is its convergence; in a first attempt it is a divergence
+            return finish("diverged" if self.attempt == 1 else "converged",
+                          f"no improvement of the image similarity for {patience} updates: "
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)
 
@@ -739,6 +807,16 @@ class Registration:
             if st.status != "running":
                 status, message = st.status, st.message
                 break
+        if status == "stopped" and self.attempt == 2 and self._candidates:
+            # stopped during the retry: keep the first attempt's result if it correlates better with the X-ray
+            cfg = self.config
+            now = pose_similarity(self.renderer, self.xray, self.projection, self.T, self.surface.points,
+                                  sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
+                                  blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
+            sim, T, _ = max(self._candidates, key=lambda c: c[0])
+            if sim > now:
+                self.T, self.best_T = T.clone(), T.clone()
+                message += "; kept the first attempt's result (it correlates better with the X-ray)"
         self.status = status
         return RegistrationResult(T=self.T.detach().cpu().clone(), best_T=self.best_T.detach().cpu().clone(),
                                   status=status, iterations=self.iteration, seconds=time.perf_counter() - t0,
