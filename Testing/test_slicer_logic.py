@@ -316,6 +316,10 @@ def test_methods_offered_by_the_module():
     assert (cfg.method, cfg.solver, cfg.coarse_search_px, cfg.max_iterations) == ("ppc-flow", "plain", 0.0, 7)
     with pytest.raises(ValueError, match="unknown method"):
         core.makeConfig("magic")
+    # the intensity refinement: on for classic by default, never in a learned phase, off on request
+    assert core.makeConfig("classic").refine_iterations == core.REFINE_ITERATIONS > 0
+    assert cfg.refine_iterations == 0
+    assert core.makeConfig("classic", intensityRefinement=False).refine_iterations == 0
 
 
 def test_learned_method_without_model_file_fails_clearly(lumbar_scenario, tmp_path):

@@ -512,15 +512,20 @@ def resolveMethod(method: str = "classic", modelPath: str | None = None, device:
     return resolve_method(normalizeMethod(method), model_path=modelPath or None, device=resolveDevice(device))
 
 
+#: L-BFGS iterations per scale of the intensity refinement when it is on (the library's default)
+REFINE_ITERATIONS = 20
+
+
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
-               device: str = "auto", modelPath: str | None = None):
+               device: str = "auto", modelPath: str | None = None, intensityRefinement: bool = True):
     """The library RegistrationConfig of a method (of its learned phase for a chained method).  The model file
     is not part of the settings: see :func:`resolveMethod`."""
     from PPCRegistrationLib.methods import method_config
     from PPCRegistrationLib.registration import RegistrationConfig
 
     base = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                              device=resolveDevice(device))
+                              device=resolveDevice(device), refine_iterations=REFINE_ITERATIONS if intensityRefinement
+                              else 0)
     return method_config(normalizeMethod(method), base)
 
 
@@ -588,7 +593,7 @@ class PPCRegistrationCoreLogic:
               initialTransformNode=None, roi=None, roiNode=None, labelmapNode=None, labelIds=None,
               segmentationNode=None, segmentId: str | None = None, groundTruthTransformNode=None,
               method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05, device: str = "auto",
-              modelPath: str | None = None, outputTransformNode=None):
+              modelPath: str | None = None, outputTransformNode=None, intensityRefinement: bool = True):
         """Build the registration from nodes and create the output nodes.
 
         Args:
@@ -606,6 +611,9 @@ class PPCRegistrationCoreLogic:
             modelPath: model file of a learned method (default ``Resources/Models/<learned>.pt``).
             device: ``auto``, ``cpu`` or ``cuda`` (the DRR renderer and the learned operator run there).
             outputTransformNode: the transform to write T into (default: a new "PPC registration").
+            intensityRefinement: end the classic updates with the intensity refinement (and its retry from the
+                initial transform when the result matches the X-ray worse than the start); see
+                ``PPCRegistrationLib.refine``.
         Returns:
             the library Registration object.
         """
@@ -646,7 +654,8 @@ class PPCRegistrationCoreLogic:
         ct = volumeFromNode(ctNode)
         xray = xrayImageFromNode(xrayNode)
         config = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                                    device=resolveDevice(device))
+                                    device=resolveDevice(device),
+                                    refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0)
         self.registration = methodObj.registration(ct, xray, projection, torch.from_numpy(T_init), roi, config,
                                                    T_gt=None if T_gt is None else torch.from_numpy(T_gt))
         self.method = methodObj
