@@ -33,7 +33,8 @@ from .drr import DRRRenderer, image_gradient
 from .errors import InputError
 from .geometry import Projection, se3_exp, transform_points, translation_matrix
 
-__all__ = ["gradient_correlation", "highpass", "RefineResult", "refine_pose", "refine_window", "pose_similarity"]
+__all__ = ["gradient_correlation", "highpass", "RefineResult", "PoseRefiner", "refine_pose", "refine_window",
+           "pose_similarity"]
 
 #: scale of the optimised parameters: one unit = 0.02 rad of rotation or 2 mm of translation, so that a unit
 #: step moves the points of a vertebra-sized region by about as much in either
@@ -110,6 +111,120 @@ def refine_window(projection: Projection, points_world: torch.Tensor, margin_px:
     return u0, v0, u1 - u0 + 1, v1 - v0 + 1
 
 
+class PoseRefiner:
+    """The refinement of a pose at one gradient scale, run in pieces (:meth:`advance`) so that a GUI can show
+    progress and stay responsive between them; :func:`refine_pose` runs it in one go.
+
+    Args: as :func:`refine_pose`, with one scale ``sigma_px`` (pixels) and ``iterations`` L-BFGS iterations in all.
+
+    Attributes:
+        before: the gradient correlation at the starting pose; best: the best found so far;
+        best_T: ``(4, 4)`` the pose with ``best``; evaluations: renders so far; done: nothing left to do;
+        message: why it ended early (stop request, non-finite similarity), else "".
+    """
+
+    def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
+                 points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = 20, highpass_px: float = 4.0,
+                 blur_px: float = 0.75, margin_px: int = 24) -> None:
+        if xray.ndim != 2 or tuple(xray.shape) != (projection.height, projection.width):
+            raise InputError(f"the X-ray must be (H, W) = {(projection.height, projection.width)}, got "
+                             f"{tuple(xray.shape)}")
+        if not (sigma_px > 0) or iterations < 1:
+            raise InputError("refinement needs a positive scale (pixels) and at least one iteration")
+        from .registration import crop_projection  # (registration imports this module)
+
+        self.t0 = time.perf_counter()
+        self.renderer = renderer
+        dev = renderer.device
+        proj = projection.to(dev, torch.float64)
+        self.T0 = torch.as_tensor(T, dtype=torch.float64, device=dev).clone()
+        pts = points.to(dev, torch.float64)
+        u0, v0, ww, wh = refine_window(proj, transform_points(self.T0, pts), int(margin_px))
+        # render a padded window: the gradients are cropped after smoothing, like the X-ray's
+        self.sigma, self.blur, self.highpass = float(sigma_px), float(blur_px), float(highpass_px)
+        pad = int(math.ceil(3 * math.sqrt(self.sigma ** 2 + self.blur ** 2 + self.highpass ** 2))) + 2
+        self._crop = (pad, wh, ww)
+        self._sub = crop_projection(proj, u0 - pad, v0 - pad, ww + 2 * pad, wh + 2 * pad)
+        x = xray.to(dev, torch.float32)
+        # the X-ray's gradients on a padded crop too (the detector border is replicated by image_gradient)
+        y0, x0 = max(0, v0 - pad), max(0, u0 - pad)
+        g = image_gradient(x[y0:v0 + wh + pad, x0:u0 + ww + pad][None], sigma_px=self.sigma)
+        self._xg = highpass(g, self.highpass)[:, :, v0 - y0:v0 - y0 + wh, u0 - x0:u0 - x0 + ww]
+        self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
+        self._centre = transform_points(self.T0, pts).mean(0)
+        self.iterations = int(iterations)
+        self.evaluations = 0
+        self.iterations_done = 0
+        self.message = ""
+        self.done = False
+        with torch.no_grad():
+            self.before = float(self._sim(self.T0))
+        self.best, self.best_T = self.before, self.T0
+        self._dv = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
+        self._opt = torch.optim.LBFGS([self._dv], lr=1.0, max_iter=self.iterations, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def _sim(self, Tp: torch.Tensor) -> torch.Tensor:
+        self.evaluations += 1
+        pad, wh, ww = self._crop
+        drr = self.renderer.render(self._sub, Tp[None])
+        g = image_gradient(drr, sigma_px=math.sqrt(self.sigma ** 2 + self.blur ** 2))
+        g = highpass(g, self.highpass)[:, :, pad:pad + wh, pad:pad + ww]
+        return gradient_correlation(g, self._xg)[0]
+
+    def _pose(self, d: torch.Tensor) -> torch.Tensor:
+        c = self._centre
+        return translation_matrix(c) @ se3_exp(d * self._scale) @ translation_matrix(-c) @ self.T0
+
+    def advance(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Run up to ``iterations`` more L-BFGS iterations (default: all that are left); returns :attr:`done`."""
+        if self.done:
+            return True
+        k = self.iterations - self.iterations_done if iterations is None else \
+            min(int(iterations), self.iterations - self.iterations_done)
+        opt = self._opt
+        opt.param_groups[0]["max_iter"] = max(1, k)
+        n_before = opt.state[self._dv].get("n_iter", 0) if self._dv in opt.state else 0
+
+        def closure() -> torch.Tensor:
+            if should_stop is not None and should_stop():
+                raise _Stopped
+            opt.zero_grad()
+            loss = -self._sim(self._pose(self._dv))
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the gradient correlation is not finite")
+            loss.backward()
+            value = -float(loss.detach())
+            if value > self.best:
+                with torch.no_grad():
+                    self.best, self.best_T = value, self._pose(self._dv.detach())
+            return loss
+
+        try:
+            opt.step(closure)
+        except _Stopped:
+            self.message = "stopped on request"
+        except FloatingPointError as exc:
+            self.message = str(exc)
+        n_after = opt.state[self._dv].get("n_iter", n_before) if self._dv in opt.state else n_before
+        ran = n_after - n_before
+        self.iterations_done += max(ran, 1)
+        # L-BFGS returns early (fewer iterations than asked) when it has converged
+        if self.message or self.iterations_done >= self.iterations or ran < k:
+            self.done = True
+        return self.done
+
+    def result(self) -> RefineResult:
+        """The outcome so far: the best pose when it raised the gradient correlation, else the starting pose."""
+        accepted = self.best > self.before and bool(torch.isfinite(self.best_T).all())
+        message = self.message
+        if not accepted:
+            message = message or f"the gradient correlation did not improve ({self.before:.4f})"
+        return RefineResult(T=(self.best_T if accepted else self.T0).detach().clone(), accepted=accepted,
+                            similarity_before=self.before, similarity_after=self.best if accepted else self.before,
+                            evaluations=self.evaluations, seconds=time.perf_counter() - self.t0, message=message)
+
+
 def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                 points: torch.Tensor, *, sigmas_px: tuple[float, ...] = (6.0, 3.0, 1.5), iterations: int = 20,
                 highpass_px: float = 4.0, blur_px: float = 0.75, margin_px: int = 24,
@@ -123,99 +238,39 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         T: ``(4, 4)`` pose to refine (moves the CT, mm); not modified.
         points: ``(N, 3)`` points of the region of interest (CT frame, mm, before ``T``): they set the
             detector window and the rotation centre.
-        sigmas_px: Gaussian scales (pixels) of the gradients, coarse to fine; one L-BFGS run per scale.
+        sigmas_px: Gaussian scales (pixels) of the gradients, coarse to fine; one L-BFGS run per scale, each
+            kept only when it raises the gradient correlation at its scale.
         iterations: L-BFGS iterations per scale (each costs one or a few renders with gradients).
         highpass_px: scale (pixels) of the high-pass filter of both gradient images (0 = off).
         blur_px: extra Gaussian blur (pixels) of the DRR, the detector's point-spread function.
         margin_px: margin (pixels) of the window around the projected region.
         should_stop: polled at every evaluation; True ends the refinement with the best pose found so far.
     Returns:
-        :class:`RefineResult`.
+        :class:`RefineResult`: similarities at the finest scale run; accepted when any scale was.
     """
-    if xray.ndim != 2 or tuple(xray.shape) != (projection.height, projection.width):
-        raise InputError(f"the X-ray must be (H, W) = {(projection.height, projection.width)}, got "
-                         f"{tuple(xray.shape)}")
-    if not sigmas_px or any(s <= 0 for s in sigmas_px) or iterations < 1:
+    if not sigmas_px:
         raise InputError("refinement needs at least one positive scale (pixels) and one iteration")
     t0 = time.perf_counter()
-    dev = renderer.device
-    proj = projection.to(dev, torch.float64)
-    T = torch.as_tensor(T, dtype=torch.float64, device=dev)
-    pts = points.to(dev, torch.float64)
-    u0, v0, ww, wh = refine_window(proj, transform_points(T, pts), int(margin_px))
-    # render a padded window: the gradients are cropped after smoothing, like the X-ray's
-    pad = int(math.ceil(3 * math.sqrt(max(sigmas_px) ** 2 + blur_px ** 2))) + 2
-    from .registration import crop_projection  # (registration imports this module)
-
-    sub = crop_projection(proj, u0 - pad, v0 - pad, ww + 2 * pad, wh + 2 * pad)
-    x = xray.to(dev, torch.float32)
-    scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
+    T_cur = torch.as_tensor(T, dtype=torch.float64)
+    first = None
+    res = None
+    accepted = False
     evaluations = 0
-
-    def xray_grad(sigma: float) -> torch.Tensor:
-        # the X-ray's gradients on a padded crop too (the detector border is replicated by image_gradient)
-        y0, x0 = max(0, v0 - pad), max(0, u0 - pad)
-        crop = x[y0:v0 + wh + pad, x0:u0 + ww + pad]
-        g = image_gradient(crop[None], sigma_px=sigma)
-        return highpass(g, highpass_px)[:, :, v0 - y0:v0 - y0 + wh, u0 - x0:u0 - x0 + ww]
-
-    def sim(Tp: torch.Tensor, xg: torch.Tensor, sigma: float) -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        drr = renderer.render(sub, Tp[None])
-        g = image_gradient(drr, sigma_px=math.sqrt(sigma ** 2 + blur_px ** 2))[:, :, pad:pad + wh, pad:pad + ww]
-        return gradient_correlation(highpass(g, highpass_px), xg)[0]
-
-    fine = sigmas_px[-1]
-    xg_fine = xray_grad(fine)
-    with torch.no_grad():
-        before = float(sim(T, xg_fine, fine))
-    best_T = T
-    message = ""
     for sigma in sigmas_px:
-        xg = xg_fine if sigma == fine else xray_grad(sigma)
-        centre = transform_points(best_T, pts).mean(0)
-        base = best_T
-        dv = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
-        opt = torch.optim.LBFGS([dv], lr=1.0, max_iter=int(iterations), line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-10, tolerance_change=1e-12)
-        track = {"loss": math.inf, "dv": None}
-
-        def pose(d: torch.Tensor) -> torch.Tensor:
-            return translation_matrix(centre) @ se3_exp(d * scale) @ translation_matrix(-centre) @ base
-
-        def closure() -> torch.Tensor:
-            if should_stop is not None and should_stop():
-                raise _Stopped
-            opt.zero_grad()
-            loss = -sim(pose(dv), xg, sigma)
-            if not torch.isfinite(loss):
-                raise FloatingPointError("the gradient correlation is not finite")
-            loss.backward()
-            value = float(loss.detach())
-            if value < track["loss"]:
-                track["loss"], track["dv"] = value, dv.detach().clone()
-            return loss
-
-        try:
-            opt.step(closure)
-        except _Stopped:
-            message = "stopped on request"
-        except FloatingPointError as exc:
-            message = str(exc)
-        if track["dv"] is not None:
-            with torch.no_grad():
-                best_T = pose(track["dv"])
-        if message:
+        r = PoseRefiner(renderer, xray, projection, T_cur, points, sigma_px=sigma, iterations=iterations,
+                        highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px)
+        r.advance(None, should_stop)
+        res = r.result()
+        evaluations += res.evaluations
+        first = res if first is None else first
+        accepted |= res.accepted
+        T_cur = res.T
+        if r.message:
             break
-    with torch.no_grad():
-        after = float(sim(best_T, xg_fine, fine))
-    accepted = after > before and bool(torch.isfinite(best_T).all())
-    if not accepted:
-        message = message or f"the gradient correlation did not improve ({before:.4f} -> {after:.4f})"
-        best_T, after = T, before
-    return RefineResult(T=best_T.detach(), accepted=accepted, similarity_before=before, similarity_after=after,
-                        evaluations=evaluations, seconds=time.perf_counter() - t0, message=message)
+    assert res is not None and first is not None
+    return RefineResult(T=T_cur, accepted=accepted, similarity_before=res.similarity_before if len(sigmas_px) == 1
+                        else first.similarity_before, similarity_after=res.similarity_after,
+                        evaluations=evaluations, seconds=time.perf_counter() - t0, message=res.message)
 
 
 def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
@@ -226,6 +281,5 @@ def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Proje
 
     Raises:
         InputError: the points project outside the detector."""
-    res = refine_pose(renderer, xray, projection, T, points, sigmas_px=(sigma_px,), iterations=1,
-                      highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, should_stop=lambda: True)
-    return res.similarity_before
+    return PoseRefiner(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=1,
+                       highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px).before

@@ -32,7 +32,7 @@ from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_
 from .matching import match_along_normals
 from .metrics import mtre as mtre_fn
 from .ppc import out_of_plane_damping, solve_ppc
-from .refine import pose_similarity, refine_pose
+from .refine import PoseRefiner, pose_similarity
 from .volume import Volume
 
 #: the ``operator`` of the intensity refinement's updates in the history
@@ -87,6 +87,8 @@ class RegistrationConfig:
         ``max_iterations`` (not after a divergence).
     refine_sigmas_px, refine_highpass_px, refine_blur_px: its gradient scales (coarse to fine), high-pass filter
         and DRR blur (pixels), see :func:`~PPCRegistrationLib.refine.refine_pose`.
+    refine_iterations_per_update: L-BFGS iterations of one refinement update (0 = a whole scale): the Slicer module
+        uses a few, so that each timer tick stays short and the views show the progress.
     retry_below_similarity: after the refinement, when the result's gradient correlation (the refinement's measure)
         is below this value or not above that of the initial estimate, the registration starts again from the
         initial estimate without the 2D pre-alignment and with ``retry_patience``, and keeps whichever of the two
@@ -130,6 +132,7 @@ class RegistrationConfig:
     refine_sigmas_px: tuple[float, ...] = (6.0, 3.0, 1.5)
     refine_highpass_px: float = 4.0
     refine_blur_px: float = 0.75
+    refine_iterations_per_update: int = 0
     retry_below_similarity: float = 0.7
     retry_patience: int = 5
     device: str = "cpu"
@@ -322,6 +325,8 @@ class Registration:
         self.stop_requested = False
         self.refining = False
         self.refine_level = 0
+        self._refiner: PoseRefiner | None = None
+        self._refine_start = self.T_init.clone()
         self._ppc_outcome = "converged"
         #: 1 for the first registration attempt, 2 for the retry from the initial estimate (see
         #: ``RegistrationConfig.retry_below_similarity``)
@@ -477,16 +482,29 @@ class Registration:
         return st
 
     def _refine_step(self) -> IterationState:
-        """One scale of the intensity refinement (:func:`~PPCRegistrationLib.refine.refine_pose`)."""
+        """One scale of the intensity refinement (:class:`~PPCRegistrationLib.refine.PoseRefiner`), or a part of it
+        (``refine_iterations_per_update``)."""
         t0 = time.perf_counter()
         cfg = self.config
         sigmas = cfg.refine_sigmas_px
         sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
-        T = self.T
-        res = refine_pose(self.renderer, self.xray, self.projection, T, self.surface.points, sigmas_px=(sigma,),
-                          iterations=int(cfg.refine_iterations), highpass_px=cfg.refine_highpass_px,
-                          blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px),
-                          should_stop=lambda: self.stop_requested)
+        if self._refiner is None:
+            self._refine_start = self.T.clone()
+            self._refiner = PoseRefiner(self.renderer, self.xray, self.projection, self.T, self.surface.points,
+                                        sigma_px=sigma, iterations=int(cfg.refine_iterations),
+                                        highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
+                                        margin_px=int(cfg.window_margin_px))
+        T = self._refine_start
+        refiner = self._refiner
+        done = refiner.advance(int(cfg.refine_iterations_per_update) or None, lambda: self.stop_requested)
+        res = refiner.result()
+        if not done:  # part of a scale: show the best pose so far, decide at the end of the scale
+            T_prev = self.T
+            self.T = res.T.to(T)
+            return self._refine_state(t0, T_prev, "running", res.similarity_after,
+                                      f"intensity refinement at {sigma:g} px: gradient correlation "
+                                      f"{res.similarity_before:.4f} -> {res.similarity_after:.4f} so far")
+        self._refiner = None
         T_new = res.T.to(T)
         self.refine_level += 1
         last = self.refine_level >= len(sigmas) or res.message == "stopped on request"
@@ -497,12 +515,17 @@ class Registration:
             message = (f"intensity refinement at {sigma:g} px: gradient correlation {res.similarity_before:.4f} -> "
                        f"{res.similarity_after:.4f} ({res.evaluations} renders)")
         else:
+            self.T = T.clone()  # (partial updates may have shown other poses)
             message = f"intensity refinement at {sigma:g} px kept the estimate: {res.message}"
         if last:
             self.refining = False
             status, extra = self._end_attempt(res.similarity_after)
             message = message + extra
-        # the DRR at the new estimate, for display (the window of the region of interest)
+        return self._refine_state(t0, T, status, res.similarity_after, message)
+
+    def _refine_state(self, t0: float, T_prev: torch.Tensor, status: str, similarity: float,
+                      message: str) -> IterationState:
+        """Append and return the IterationState of a refinement update (DRR at the new estimate, no points)."""
         proj = self.projection
         drr_full = torch.zeros(proj.height, proj.width)
         win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
@@ -513,9 +536,9 @@ class Registration:
             drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
         empty = torch.zeros(0, 3, dtype=torch.float64)
         st = IterationState(iteration=self.iteration + 1, T=self.T.detach().cpu().clone(),
-                            update_mm=float(mtre_fn(self.T, T, self.targets)),
-                            update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T))), n_contour=0,
-                            mean_weight=0.0, seconds=time.perf_counter() - t0, similarity=res.similarity_after,
+                            update_mm=float(mtre_fn(self.T, T_prev, self.targets)),
+                            update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T_prev))), n_contour=0,
+                            mean_weight=0.0, seconds=time.perf_counter() - t0, similarity=similarity,
                             mtre_mm=self.mtre(self.T), points_3d=empty, uv=empty[:, :2], uv_matched=empty[:, :2],
                             weights=empty[:, 0], drr=drr_full, status=status, message=message, operator=REFINE)
         self.history.append(st)

@@ -514,6 +514,9 @@ def resolveMethod(method: str = "classic", modelPath: str | None = None, device:
 
 #: L-BFGS iterations per scale of the intensity refinement when it is on (the library's default)
 REFINE_ITERATIONS = 20
+#: ... and per update: each timer tick of Run does at most this many, so the GUI stays responsive (on the sample
+#: chest CT a whole scale takes several seconds on a CPU)
+REFINE_ITERATIONS_PER_UPDATE = 4
 
 
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
@@ -525,7 +528,7 @@ def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: fl
 
     base = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
                               device=resolveDevice(device), refine_iterations=REFINE_ITERATIONS if intensityRefinement
-                              else 0)
+                              else 0, refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
     return method_config(normalizeMethod(method), base)
 
 
@@ -655,7 +658,8 @@ class PPCRegistrationCoreLogic:
         xray = xrayImageFromNode(xrayNode)
         config = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
                                     device=resolveDevice(device),
-                                    refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0)
+                                    refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0,
+                                    refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
         self.registration = methodObj.registration(ct, xray, projection, torch.from_numpy(T_init), roi, config,
                                                    T_gt=None if T_gt is None else torch.from_numpy(T_gt))
         self.method = methodObj
