@@ -353,3 +353,14 @@ def test_evaluate_missing_or_bad_model_errors(capsys, phantom_ct, tmp_path):
     assert_error(capsys, ["evaluate", "--ct", phantom_ct, "--methods", "flow", "--model",
                           f"flow={tmp_path / 'junk.pt'}", "--cases", "1", "--out", tmp_path / "e", "--quiet"],
                  "junk.pt")
+
+
+def test_register_without_the_refinement(capsys, lumbar_case, tmp_path):
+    code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "reg"), "--refine-iterations", "0",
+                         "--iterations", "3")
+    assert code == 0, err
+    res = formats.load_result(tmp_path / "reg" / "result.json")
+    assert res.config["operators"] == ["classic"] * len(res.history) and 1 <= len(res.history) <= 3
+    assert res.config["registration"]["refine_iterations"] == 0 and "refine" not in out
+    code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "r2"), "--refine-iterations", "-1")
+    assert code == 2 and "--refine-iterations must be 0 or more" in err and "Traceback" not in err
