@@ -506,6 +506,13 @@ class Registration:
                                       f"{res.similarity_before:.4f} -> {res.similarity_after:.4f} so far")
         self._refiner = None
         T_new = res.T.to(T)
+        drift = float(mtre_fn(T_new, self.T_init, self.targets))
+        if res.accepted and drift > cfg.max_drift_mm:
+            # the image similarity barely constrains the depth: a refinement that wanders off is not taken
+            res = replace(res, accepted=False, T=T.clone(), similarity_after=res.similarity_before,
+                          message=f"it moved the estimate {drift:.1f} mm away from the initial transform (limit "
+                                  f"{cfg.max_drift_mm} mm)")
+            T_new = T
         self.refine_level += 1
         last = self.refine_level >= len(sigmas) or res.message == "stopped on request"
         status = self._ppc_outcome if last else "running"
