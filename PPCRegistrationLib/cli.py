@@ -96,30 +96,26 @@ def _check_file(path: str | None, what: str) -> str | None:
     return str(p)
 
 
-def _positive_int(name: str) -> Callable[[str], int]:
+def _int_at_least(name: str, minimum: int, bound: str) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``; ``bound`` words the limit in the error ("at least 1")."""
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
         return v
 
     return parse
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    return _int_at_least(name, 1, "at least 1")
 
 
 def _nonneg_int(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be 0 or more, got {v}")
-        return v
-
-    return parse
+    return _int_at_least(name, 0, "0 or more")
 
 
 _REFINE_HELP = ("L-BFGS iterations per scale of the intensity refinement (gradient correlation of DRR and X-ray over "
@@ -371,7 +367,8 @@ def _cmd_register(args) -> int:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.iterations + (len(cfg.refine_sigmas_px) if cfg.refine_iterations else 0), desc="register", unit="it", disable=True if args.quiet else None,
+    n_refine = len(cfg.refine_sigmas_px) if cfg.refine_iterations else 0
+    bar = tqdm(total=args.iterations + n_refine, desc="register", unit="it", disable=True if args.quiet else None,
                leave=False, file=sys.stderr)
 
     def callback(st) -> None:
@@ -597,6 +594,7 @@ def _cmd_bench(args) -> int:
         _say(f"{name:<40} {_median_ms(fn, reps, sync):>12.2f}")
 
     # the intensity refinement that ends a classic registration: one render with gradients, and a whole scale
+    from .geometry import se3_exp
     from .refine import refine_pose
 
     evals: list[int] = []
@@ -609,8 +607,6 @@ def _cmd_bench(args) -> int:
 
     def one_render_with_gradient():
         d = torch.zeros(6, dtype=torch.float64, device=T.device, requires_grad=True)
-        from .geometry import se3_exp
-
         renderer.render(sub, (se3_exp(d) @ T)[None]).sum().backward()
 
     _say("")

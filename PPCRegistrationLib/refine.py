@@ -15,8 +15,7 @@ weakly observable beam direction (measured on the lumbar CT, DESIGN.md §4 cases
 * the gradient images are high-pass filtered (``highpass_px``), so the smooth gradient of scatter does not
   correlate (scatter of 15 % biased the depth by up to 2.9 mm, at most 0.4 mm with the filter).
 
-The result is accepted only when it raises the GC at the finest scale; otherwise the pose is returned
-unchanged.  Pure torch, CPU or CUDA (where the renderer lives).
+The result of each scale is accepted only when it raises the GC at that scale; otherwise the pose is kept.  Pure torch, CPU or CUDA (where the renderer lives).
 """
 
 from __future__ import annotations
@@ -246,31 +245,26 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         margin_px: margin (pixels) of the window around the projected region.
         should_stop: polled at every evaluation; True ends the refinement with the best pose found so far.
     Returns:
-        :class:`RefineResult`: similarities at the finest scale run; accepted when any scale was.
+        :class:`RefineResult`: ``similarity_before`` at the first scale, ``similarity_after`` at the last scale
+        run; accepted when any scale was.
     """
     if not sigmas_px:
         raise InputError("refinement needs at least one positive scale (pixels) and one iteration")
     t0 = time.perf_counter()
     T_cur = torch.as_tensor(T, dtype=torch.float64)
-    first = None
-    res = None
-    accepted = False
-    evaluations = 0
+    results: list[RefineResult] = []
     for sigma in sigmas_px:
         r = PoseRefiner(renderer, xray, projection, T_cur, points, sigma_px=sigma, iterations=iterations,
                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px)
         r.advance(None, should_stop)
-        res = r.result()
-        evaluations += res.evaluations
-        first = res if first is None else first
-        accepted |= res.accepted
-        T_cur = res.T
+        results.append(r.result())
+        T_cur = results[-1].T
         if r.message:
             break
-    assert res is not None and first is not None
-    return RefineResult(T=T_cur, accepted=accepted, similarity_before=res.similarity_before if len(sigmas_px) == 1
-                        else first.similarity_before, similarity_after=res.similarity_after,
-                        evaluations=evaluations, seconds=time.perf_counter() - t0, message=res.message)
+    return RefineResult(T=T_cur, accepted=any(x.accepted for x in results),
+                        similarity_before=results[0].similarity_before, similarity_after=results[-1].similarity_after,
+                        evaluations=sum(x.evaluations for x in results), seconds=time.perf_counter() - t0,
+                        message=results[-1].message)
 
 
 def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,

@@ -32,7 +32,7 @@ from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_
 from .matching import match_along_normals
 from .metrics import mtre as mtre_fn
 from .ppc import out_of_plane_damping, solve_ppc
-from .refine import PoseRefiner, pose_similarity
+from .refine import PoseRefiner, gradient_correlation, pose_similarity
 from .volume import Volume
 
 #: the ``operator`` of the intensity refinement's updates in the history
@@ -83,8 +83,8 @@ class RegistrationConfig:
     coarse_search_px: half-range (px) of the global 2D pre-alignment before the first update (0 = off).
     refine_iterations: L-BFGS iterations per scale of the intensity refinement that follows the PPC updates
         (:mod:`PPCRegistrationLib.refine`: gradient correlation of DRR and X-ray maximised over the pose, one
-        update per scale of ``refine_sigmas_px``); 0 = off.  It runs when the PPC updates converged or used up
-        ``max_iterations`` (not after a divergence).
+        update per scale of ``refine_sigmas_px``); 0 = off.  It runs when the PPC updates converged, diverged (from
+        the best estimate) or used up ``max_iterations``.
     refine_sigmas_px, refine_highpass_px, refine_blur_px: its gradient scales (coarse to fine), high-pass filter
         and DRR blur (pixels), see :func:`~PPCRegistrationLib.refine.refine_pose`.
     refine_iterations_per_update: L-BFGS iterations of one refinement update (0 = a whole scale): the Slicer module
@@ -237,13 +237,7 @@ def crop_projection(proj: Projection, u0: int, v0: int, width: int, height: int)
 
 def gradient_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     """Gradient correlation of two gradient images ``(1, 2, h, w)``: mean NCC of the two components."""
-    out = 0.0
-    for c in range(2):
-        x = a[0, c] - a[0, c].mean()
-        y = b[0, c] - b[0, c].mean()
-        den = torch.sqrt((x * x).sum() * (y * y).sum()).clamp_min(1e-12)
-        out += float((x * y).sum() / den) / 2
-    return out
+    return float(gradient_correlation(a, b)[0])
 
 
 class Registration:
@@ -309,6 +303,7 @@ class Registration:
             raise InputError(f"method {self.config.method!r} needs a learned 2D matching model: build the "
                              "registration with PPCRegistrationLib.methods.build_registration (or pass a matcher)")
         self.matcher: Matcher = matcher or ClassicMatcher()
+        self._initial_sim: float | None = None  # (T_init never changes: computed once, kept over resets)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -467,7 +462,7 @@ class Registration:
         if self.refining:
             return self._refine_step()
         st = self._ppc_step()
-        if not self.refine_enabled or st.operator == REFINE:
+        if not self.refine_enabled:
             return st
         done = st.status in ("converged", "diverged") or (st.status == "running"
                                                           and self.ppc_iterations >= self.config.max_iterations)
@@ -572,24 +567,27 @@ class Registration:
             self.damping = float(cfg.damping_initial)
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
                                "starting again from the initial estimate without the 2D pre-alignment")
+        # the two attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])
         sim, T, outcome = options[k]
         self.T = T.clone()
         self.best_T = T.clone()
-        which = ("the first attempt", "the second attempt", "the initial estimate")[min(k, 2)] \
-            if len(options) == 3 else f"candidate {k + 1}"
+        which = ("the first attempt", "the second attempt", "the initial estimate")[k]
         return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
+
+    def _similarity(self, T: torch.Tensor) -> float:
+        """The refinement's gradient correlation (finest scale) of a pose, without gradients."""
+        cfg = self.config
+        return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
+                               sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
+                               blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
 
     def _initial_similarity(self) -> float:
         """The refinement's gradient correlation at the initial estimate (computed once)."""
-        if getattr(self, "_initial_sim", None) is None:
-            cfg = self.config
+        if self._initial_sim is None:
             try:
-                self._initial_sim = pose_similarity(
-                    self.renderer, self.xray, self.projection, self.T_init, self.surface.points,
-                    sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
-                    blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
+                self._initial_sim = self._similarity(self.T_init)
             except InputError:  # the initial estimate projects outside the detector
                 self._initial_sim = -math.inf
         return float(self._initial_sim)
@@ -839,10 +837,7 @@ class Registration:
                 break
         if status == "stopped" and self.attempt == 2 and self._candidates:
             # stopped during the retry: keep the first attempt's result if it correlates better with the X-ray
-            cfg = self.config
-            now = pose_similarity(self.renderer, self.xray, self.projection, self.T, self.surface.points,
-                                  sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
-                                  blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
+            now = self._similarity(self.T)
             sim, T, _ = max(self._candidates, key=lambda c: c[0])
             if sim > now:
                 self.T, self.best_T = T.clone(), T.clone()

@@ -519,17 +519,24 @@ REFINE_ITERATIONS = 20
 REFINE_ITERATIONS_PER_UPDATE = 4
 
 
+def baseConfig(maxIterations: int = 30, toleranceMM: float = 0.05, device: str = "auto",
+               intensityRefinement: bool = True):
+    """The library RegistrationConfig of the module's settings (before a method's overrides)."""
+    from PPCRegistrationLib.registration import RegistrationConfig
+
+    return RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
+                              device=resolveDevice(device),
+                              refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0,
+                              refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
+
+
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
                device: str = "auto", modelPath: str | None = None, intensityRefinement: bool = True):
     """The library RegistrationConfig of a method (of its learned phase for a chained method).  The model file
     is not part of the settings: see :func:`resolveMethod`."""
     from PPCRegistrationLib.methods import method_config
-    from PPCRegistrationLib.registration import RegistrationConfig
 
-    base = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                              device=resolveDevice(device), refine_iterations=REFINE_ITERATIONS if intensityRefinement
-                              else 0, refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
-    return method_config(normalizeMethod(method), base)
+    return method_config(normalizeMethod(method), baseConfig(maxIterations, toleranceMM, device, intensityRefinement))
 
 
 def _tensor(x, dtype=torch.float64) -> torch.Tensor:
@@ -656,10 +663,7 @@ class PPCRegistrationCoreLogic:
 
         ct = volumeFromNode(ctNode)
         xray = xrayImageFromNode(xrayNode)
-        config = RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                                    device=resolveDevice(device),
-                                    refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0,
-                                    refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
+        config = baseConfig(maxIterations, toleranceMM, device, intensityRefinement)
         self.registration = methodObj.registration(ct, xray, projection, torch.from_numpy(T_init), roi, config,
                                                    T_gt=None if T_gt is None else torch.from_numpy(T_gt))
         self.method = methodObj
