@@ -445,12 +445,15 @@ def _cmd_register(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, write_report
+    from .evaluation import ORACLE, evaluate, write_report
     from .methods import learned_part, parse_methods, resolve_method
     from .registration import RegistrationConfig
 
     out = Path(args.out).expanduser()
-    methods = parse_methods(args.methods)
+    given = [part.strip() for item in args.methods for part in str(item).split(",") if part.strip()]
+    oracle = [g for g in given if g.lower() == ORACLE]
+    rest = [g for g in given if g.lower() != ORACLE]
+    methods = (parse_methods(rest) if rest or not oracle else []) + ([ORACLE] if oracle else [])
     models: dict[str, str] = {}
     for item in args.model or []:
         name, sep, path = item.partition("=")
@@ -461,7 +464,7 @@ def _cmd_evaluate(args) -> int:
         models[learned_part(name)] = path.strip()
     # check the model files before reading the CT (a missing model is the likelier mistake, and cheap to find)
     for m in methods:
-        if learned_part(m) is not None:
+        if m != ORACLE and learned_part(m) is not None:
             resolve_method(m, model_path=models.get(learned_part(m)), models_dir=args.models_dir, device="cpu")
     iterations = 1 if args.one_update else args.iterations
     ct, roi, desc = _load_ct_and_roi(args)
@@ -752,7 +755,8 @@ def _cmd_train(args) -> int:
     given = {k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "weight_decay", "lambda_epe",
                                            "out_of_plane", "val_every", "val_samples", "checkpoint_every", "seed")
              if getattr(args, k) is not None}
-    cfg = TrainConfig(method=args.method, init=init, device=args.device, **given)
+    flow = _train_flow_hparams(init, args.refine_strides)
+    cfg = TrainConfig(method=args.method, init=init, device=args.device, augment=args.augment, flow=flow, **given)
     res = train(cfg, data, Path(args.out).expanduser(), train_split=args.train_split, val_split=args.val_split,
                 resume=not args.no_resume, progress=not args.quiet, log=_say)
     if res.get("rank", 0) != 0:
@@ -768,6 +772,27 @@ def _cmd_train(args) -> int:
         if (out / name).is_file():
             _say(f"  {name}: {out / name}")
     return EXIT_OK
+
+
+def _train_flow_hparams(init: str | None, refine_strides: str | None) -> dict:
+    """The FlowNetC architecture to train: the --init model's (fine-tuning keeps it) or the CPU default, with
+    --refine-strides (``4``, ``4,2`` or ``none``) replacing its refinement levels."""
+    from .networks import CPU_FLOW_HPARAMS, operator_from_file
+
+    flow = dict(CPU_FLOW_HPARAMS)
+    if init:
+        flow = dict(operator_from_file(init)[0].hparams["flow"])
+    if refine_strides is not None:
+        text = refine_strides.strip().lower()
+        try:
+            strides = [] if text in ("", "none") else [int(x) for x in text.split(",")]
+        except ValueError:
+            raise InputError(f"--refine-strides must be comma-separated strides (4, 2) or 'none', got "
+                             f"{refine_strides!r}") from None
+        flow.pop("refine_strides", None)
+        if strides:
+            flow["refine_strides"] = strides
+    return flow
 
 
 def _add_training_parsers(sub) -> None:
@@ -817,7 +842,8 @@ def _add_training_parsers(sub) -> None:
                         "+ PointNet weights")
     p.add_argument("--data", required=True, metavar="DIR", help="data set folder (from make-dataset)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoint, models, curves)")
-    p.add_argument("--train-split", default="train", metavar="NAME", help="default train")
+    p.add_argument("--train-split", default="train", metavar="NAME",
+                   help="default train; several comma-separated splits are used as one (e.g. train,train2)")
     p.add_argument("--val-split", default="val", metavar="NAME", help="default val")
     p.add_argument("--iterations", type=_positive_int("--iterations"), help="optimiser steps (default 10000)")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"),
@@ -835,6 +861,11 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), help="steps (default 250)")
     p.add_argument("--init", metavar="MODEL.pt", help="start from this operator file (the parameters both have, "
                                                       "e.g. the flow network of a trained flow model)")
+    p.add_argument("--refine-strides", metavar="S1,S2",
+                   help="finer flow levels after the correlation level (PWC-style warping and a local cost volume): "
+                        "4, 4,2 or none (default: the --init model's architecture, else none)")
+    p.add_argument("--augment", action="store_true",
+                   help="mirror training samples left-right / up-down at random (exact: the geometry is mirrored too)")
     p.add_argument("--seed", type=int, help="seed of the initialisation and the batch order (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="default auto; under torchrun, cuda means the GPU LOCAL_RANK")
@@ -952,7 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_REFINE_HELP)
     g = p.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", default=["classic"], metavar="M",
-                   help=f"methods to compare, separated by commas or blanks: {_METHODS_HELP} (default classic)")
+                   help=f"methods to compare, separated by commas or blanks: {_METHODS_HELP}; and oracle (the "
+                        "ground-truth correspondences through the learned operators' PPC solve: what one update can "
+                        "do with perfect 2D matching) (default classic)")
     g.add_argument("--model", action="append", metavar="METHOD=FILE",
                    help="model file of a learned method (repeatable), e.g. ppc-flow=runs/ppc-flow/model.pt; default "
                         "<models-dir>/<learned>.pt")

@@ -57,7 +57,7 @@ from .simulation import ViewSampler, XRayVariation, _uniform, random_initial_tra
 from .volume import Volume
 
 __all__ = ["DATASET_FORMAT", "DATASET_VERSION", "DatasetConfig", "make_sample", "generate_split",
-           "ShardDataset", "read_manifest", "sample_projection", "FIELDS"]
+           "ShardDataset", "read_manifest", "sample_projection", "FIELDS", "flip_samples"]
 
 DATASET_FORMAT = "PPCRegistrationLib.dataset"
 DATASET_VERSION = 1
@@ -103,8 +103,45 @@ def sample_projection(sample: Mapping[str, torch.Tensor], height: int, width: in
     if K.ndim == 2:
         K, R, t = K[None], R[None], t[None]
     K = K.to(torch.float64)
-    ps = torch.stack([1.0 / K[:, 0, 0], 1.0 / K[:, 1, 1]], -1)  # spacing / SDD: only ratios matter here
+    # spacing / SDD: only ratios matter here (abs: a mirrored sample, see flip_samples, has a negative focal length)
+    ps = torch.stack([1.0 / K[:, 0, 0].abs(), 1.0 / K[:, 1, 1].abs()], -1)
     return Projection(K, R.to(torch.float64), t.to(torch.float64), int(height), int(width), ps)
+
+
+def flip_samples(batch: Mapping[str, torch.Tensor], flip_u: torch.Tensor, flip_v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mirror samples on the detector (data augmentation), keeping their geometry exact.
+
+    Mirroring the images left-right maps pixel u to ``W - 1 - u``; the same rays then belong to the intrinsics
+    ``K`` with ``f_u -> -f_u`` and ``c_u -> W - 1 - c_u`` (likewise for v), so the contour points, their flow, the
+    3D data and the PPC solve stay consistent (a mirrored detector). A left-right plus up-down flip is a rotation of
+    the detector by 180 degrees.
+
+    Args:
+        batch: stacked samples (fields of this module; ``xray``/``drr`` ``(B, H, W)``, ``uv``/``flow_gt``
+            ``(B, N, 2)``, ``K`` ``(B, 3, 3)``); other fields are passed through.
+        flip_u, flip_v: ``(B,)`` bool, which samples to mirror left-right / up-down.
+    Returns:
+        A new dict (the input is not modified).
+    """
+    out = dict(batch)
+    h, w = batch["xray"].shape[-2:]
+    K = batch["K"].clone()
+    uv = batch["uv"].clone()
+    flow = batch["flow_gt"].clone()
+    for axis, flip, size in ((0, flip_u, w), (1, flip_v, h)):
+        f = flip.to(torch.bool).to(K.device)
+        if not bool(f.any()):
+            continue
+        img_dim = 2 if axis == 0 else 1
+        for name in ("xray", "drr"):
+            img = out[name]
+            out[name] = torch.where(f[:, None, None], img.flip(img_dim), img)
+        K[f, axis, axis] = -K[f, axis, axis]
+        K[f, axis, 2] = (size - 1) - K[f, axis, 2]
+        uv[f, :, axis] = (size - 1) - uv[f, :, axis]
+        flow[f, :, axis] = -flow[f, :, axis]
+    out.update(K=K, uv=uv, flow_gt=flow)
+    return out
 
 
 def make_sample(renderer: DRRRenderer, surface: SurfacePoints, seed: int, config: DatasetConfig,
@@ -309,14 +346,19 @@ class ShardDataset(torch.utils.data.Dataset):
 
     Args:
         root: data set directory.
-        split: split name.
+        split: split name, or several comma-separated splits of the same detector and window (e.g.
+            ``train,train2``: more samples generated later with another seed), used as one.
         limit: use only the first ``limit`` samples (None = all).
     Raises:
-        InputError: no manifest, unknown or incomplete split, unreadable shard.
+        InputError: no manifest, unknown or incomplete split, unreadable shard, splits that do not fit together.
     """
 
     def __init__(self, root: str | Path, split: str, limit: int | None = None) -> None:
         self.root = Path(root)
+        names = [s.strip() for s in str(split).split(",") if s.strip()]
+        if len(names) > 1:
+            self._join(names, limit)
+            return
         man = read_manifest(self.root)
         if split not in man["splits"]:
             raise InputError(f"{root} has no split {split!r}; it has {sorted(man['splits'])}")
@@ -346,6 +388,31 @@ class ShardDataset(torch.utils.data.Dataset):
         n = int(self.data["xray"].shape[0])
         self.n = n if limit is None else min(n, int(limit))
         self.complete = len(shards) * int(self.entry["shard_size"]) >= int(self.entry["n_samples"])
+
+    def _join(self, names: list[str], limit: int | None) -> None:
+        parts = [ShardDataset(self.root, n) for n in names]
+        keys = ("detector_px", "detector_width_mm", "crop_px")
+        first = parts[0].entry["config"]
+        for n, part in zip(names[1:], parts[1:]):
+            if any(part.entry["config"].get(k) != first.get(k) for k in keys) or part.image_size != parts[0].image_size:
+                raise InputError(f"split {n!r} of {self.root} has another detector or window than {names[0]!r} "
+                                 f"({', '.join(keys)}): it cannot be used together with it")
+        vertebrae: list[str] = []
+        for part in parts:
+            vertebrae += [v for v in part.vertebrae if v not in vertebrae]
+        data: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
+        for part in parts:
+            remap = torch.tensor([vertebrae.index(v) for v in part.vertebrae], dtype=torch.int64)
+            for k in FIELDS:
+                v = part.data[k][:part.n]
+                data[k].append(remap[v] if k == "vertebra" else v)
+        self.data = {k: torch.cat(v) for k, v in data.items()}
+        self.entry = {**parts[0].entry, "vertebrae": vertebrae, "n_samples": sum(p.n for p in parts),
+                      "splits": names}
+        self.split = ",".join(names)
+        n = int(self.data["xray"].shape[0])
+        self.n = n if limit is None else min(n, int(limit))
+        self.complete = all(p.complete for p in parts)
 
     @property
     def vertebrae(self) -> list[str]:

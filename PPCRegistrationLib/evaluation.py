@@ -29,21 +29,27 @@ from .drr import DRRRenderer
 from .errors import InputError
 from .features import SurfacePoints, extract_surface_points
 from .metrics import mrpd, mtre, summarize
-from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, models_from_mapping, \
-    normalize_method, resolve_method
-from .registration import REFINE, Matcher, Registration, RegistrationConfig
+from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
+    models_from_mapping, normalize_method, resolve_method
+from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
-__all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS"]
+__all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS", "ORACLE"]
 
+#: the ground-truth correspondences (simulation only, :class:`~PPCRegistrationLib.registration.OracleMatcher`)
+#: through the learned operators' plain PPC solve: the ceiling of what one update can do with perfect 2D matching
+ORACLE = "oracle"
 #: method names :func:`evaluate` knows (learned and chained ones need their model files, see
 #: :mod:`PPCRegistrationLib.methods`); any other 2D matching step can be passed in through ``matchers``
-AVAILABLE_METHODS = ALL_METHODS
+AVAILABLE_METHODS = (*ALL_METHODS, ORACLE)
 
 #: keys every per-method summary has (from :func:`metrics.summarize`), for "one_update" and "final"
 SUMMARY_KEYS = ("mtre_p50", "mtre_p75", "mtre_p95", "mtre_mean", "mtre_sd", "reduction_factor_mean",
                 "success_2mm", "success_5mm", "mrpd_mean", "seconds_per_case")
+
+#: detector pixels: the oracle's window margin (its matches are never dropped as too far below this)
+ORACLE_SEARCH_PX = 96.0
 
 _CSV_FIELDS = ("case", "seed", "method", "initial_mtre_mm", "mtre_one_update_mm", "mrpd_one_update_mm",
                "mtre_final_mm", "mrpd_final_mm", "iterations", "seconds", "seconds_one_update", "status",
@@ -113,7 +119,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     matchers = dict(matchers or {})
     names: list[str] = []
     for m in methods:
-        if m not in matchers:
+        if m not in matchers and m != ORACLE:
             try:
                 m = normalize_method(m)
             except InputError:
@@ -143,6 +149,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     for m in methods:
         if m in matchers:
             resolved[m] = matchers[m]
+        elif m == ORACLE:
+            resolved[m] = OracleMatcher()
         else:
             learned = m.split("+")[0]
             resolved[m] = resolve_method(m, model_path=model_files.get(learned), models_dir=models_dir, device=dev,
@@ -208,6 +216,10 @@ def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method |
     if isinstance(method, Method):
         reg = method.registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
                                   surface=surface, renderer=renderer)
+    elif isinstance(method, OracleMatcher):  # perfect matching through the learned operators' plain solve
+        ocfg = method_config("flow", cfg, search_px=ORACLE_SEARCH_PX)
+        reg = Registration(ct, case.xray, case.projection, case.T_init, roi, ocfg, T_gt=case.T_gt, matcher=method,
+                           surface=surface, renderer=renderer)
     else:  # a custom 2D matching step
         reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt, matcher=method,
                            surface=surface, renderer=renderer)

@@ -29,7 +29,7 @@ __all__ = [
     "FlowNetC", "PointNetAttention", "LearnedMatcher", "correlation", "correlation_displacements",
     "sample_flow", "point_features", "POINT_FEATURES", "robust_normalise", "save_model", "load_model",
     "state_dict_sha256", "MODEL_FORMAT", "MODEL_VERSION", "LearnedOperator", "LEARNED_METHODS", "network_inputs",
-    "CPU_FLOW_HPARAMS", "operator_from_file",
+    "CPU_FLOW_HPARAMS", "operator_from_file", "FlowRefinement", "warp",
 ]
 
 #: the three learned models of DESIGN.md §3 (one code path, :class:`LearnedOperator`).
@@ -128,15 +128,80 @@ def sample_flow(flow: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     return out[:, :, 0].transpose(1, 2)
 
 
+def _pixel_grid(b: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, H*W, 2)`` pixel positions (u, v) of an ``H x W`` grid, row by row."""
+    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
+                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([u, v], -1).reshape(1, -1, 2).expand(b, -1, -1)
+
+
+def _resample_flow(flow: torch.Tensor, from_stride: int, to_stride: int, height: int, width: int) -> torch.Tensor:
+    """Flow on a grid of stride ``from_stride`` (its pixel j sits at full-resolution pixel ``from_stride * j``, values
+    in its own pixels) -> the same flow on a ``height x width`` grid of stride ``to_stride`` (bilinear)."""
+    b = flow.shape[0]
+    uv = _pixel_grid(b, height, width, flow.device, flow.dtype) * (to_stride / from_stride)
+    out = sample_flow(flow, uv) * (from_stride / to_stride)  # (B, HW, 2)
+    return out.transpose(1, 2).reshape(b, 2, height, width)
+
+
 def _upsample_flow(coarse: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
     """Coarse flow (coarse pixels; coarse pixel j sits at full pixel ``stride * j``) -> full flow (pixels)."""
-    b = coarse.shape[0]
-    dev, dt = coarse.device, coarse.dtype
-    v, u = torch.meshgrid(torch.arange(height, device=dev, dtype=dt), torch.arange(width, device=dev, dtype=dt),
-                          indexing="ij")
-    uv = torch.stack([u, v], -1).reshape(1, -1, 2).expand(b, -1, -1) / stride
-    full = sample_flow(coarse, uv) * stride  # (B, HW, 2)
-    return full.transpose(1, 2).reshape(b, 2, height, width)
+    return _resample_flow(coarse, stride, 1, height, width)
+
+
+def warp(features: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``features`` sampled at ``p + flow(p)`` (bilinear, zero outside): ``(B, C, h, w)`` for flow ``(B, 2, h, w)``
+    in pixels of the same grid."""
+    b, _, h, w = features.shape
+    uv = _pixel_grid(b, h, w, flow.device, flow.dtype) + flow.flatten(2).transpose(1, 2)
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=flow.dtype, device=flow.device)
+    g = (uv * scale - 1).reshape(b, h, w, 2).to(features.dtype)
+    return F.grid_sample(features, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _soft_argmax(f1: torch.Tensor, f2: torch.Tensor, max_disp: int, log_temperature: torch.Tensor,
+                 displacements: torch.Tensor) -> torch.Tensor:
+    """Expected displacement ``(B, 2, h, w)`` (feature pixels) under a softmax of the cosine cost volume."""
+    cos = correlation(F.normalize(f1, dim=1), F.normalize(f2, dim=1), max_disp)
+    cos = cos * f1.shape[1]  # correlation() averages over channels: back to cosine similarity
+    prob = torch.softmax(cos * log_temperature.exp(), 1)  # (B, D, h, w)
+    return torch.einsum("bdhw,dc->bchw", prob, displacements.to(prob.dtype))
+
+
+class FlowRefinement(nn.Module):
+    """One finer level of the flow pyramid (as in PWC-Net): the X-ray features are warped by the flow of the
+    coarser level, a local cost volume of ``+-max_disp`` pixels is built, and a small decoder plus the soft-argmax of
+    that cost volume (of cosine similarities, the decoder's input too) give a residual flow.
+
+    Args:
+        channels: feature channels at this level; max_disp: local search range (pixels of this level);
+        decoder_channels: widths of the decoder's hidden convolutions.
+    """
+
+    def __init__(self, channels: int, max_disp: int = 3, decoder_channels: tuple[int, ...] = (48, 32)) -> None:
+        super().__init__()
+        self.max_disp = int(max_disp)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.register_buffer("displacements", correlation_displacements(self.max_disp).float(), persistent=False)
+        cin = (2 * self.max_disp + 1) ** 2 + int(channels) + 2
+        dec: list[nn.Module] = []
+        for cout in decoder_channels:
+            dec.append(_conv(cin, int(cout)))
+            cin = int(cout)
+        self.decoder = nn.Sequential(*dec)
+        self.head = nn.Conv2d(cin, 2, 3, padding=1)
+        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=1e-3)
+
+    def forward(self, f_drr: torch.Tensor, f_xray: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Refined flow ``(B, 2, h, w)`` (pixels of this level) from features ``(B, C, h, w)`` and the flow of the
+        coarser level resampled to this grid."""
+        fx = warp(f_xray, flow)
+        cos = correlation(F.normalize(f_drr, dim=1), F.normalize(fx, dim=1), self.max_disp) * f_drr.shape[1]
+        prob = torch.softmax(cos * self.log_temperature.exp(), 1)  # (B, D, h, w)
+        residual = self.head(self.decoder(torch.cat([cos, f_drr, flow], 1)))
+        residual = residual + torch.einsum("bdhw,dc->bchw", prob, self.displacements.to(prob.dtype))
+        return flow + residual
 
 
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -159,13 +224,19 @@ class FlowNetC(nn.Module):
             (expected displacement under a softmax with a learned temperature), as cost-volume networks
             (PWC-Net, RAFT) do: the flow is then meaningful from the first iteration and the decoder learns a
             residual, which trains far faster on a CPU budget.
+        refine_strides: finer pyramid levels that refine the flow after the correlation level, coarse to fine,
+            each a stride of the encoder smaller than ``stride`` (4 and/or 2): at each, the X-ray features are warped
+            by the current flow and a local cost volume of ``+-refine_disp`` pixels corrects it
+            (:class:`FlowRefinement`). Empty (the default): the flow is the correlation level's, upsampled.
+        refine_disp: search range of the refinement levels (pixels of each level).
     Attributes:
         hparams: the architecture hyper-parameters (stored in model files).
     """
 
     def __init__(self, stride: int = 4, max_disp: int = 6, channels: int = 64,
                  decoder_channels: tuple[int, ...] = (128, 96, 64, 32), first_channels: int = 32,
-                 soft_argmax: bool = False) -> None:
+                 soft_argmax: bool = False, refine_strides: tuple[int, ...] | list[int] = (),
+                 refine_disp: int = 3) -> None:
         super().__init__()
         if stride not in (4, 8):
             raise InputError(f"FlowNetC stride must be 4 or 8, got {stride}")
@@ -174,6 +245,15 @@ class FlowNetC(nn.Module):
         self.hparams = {"stride": int(stride), "max_disp": int(max_disp), "channels": int(channels),
                         "decoder_channels": [int(c) for c in decoder_channels],
                         "first_channels": int(first_channels), "soft_argmax": bool(soft_argmax)}
+        refine = [int(r) for r in refine_strides]
+        if any(r not in (2, 4) or r >= stride for r in refine) or refine != sorted(set(refine), reverse=True):
+            raise InputError(f"FlowNetC refine_strides must be distinct strides from (4, 2), coarse to fine, each "
+                             f"finer than stride {stride}; got {list(refine_strides)}")
+        if refine:
+            if refine_disp < 1:
+                raise InputError("FlowNetC refine_disp must be >= 1")
+            self.hparams.update(refine_strides=refine, refine_disp=int(refine_disp))
+        self.refine_strides = refine
         self.soft_argmax = bool(soft_argmax)
         if self.soft_argmax:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -195,6 +275,20 @@ class FlowNetC(nn.Module):
         self.head = nn.Conv2d(cin, 2, 3, padding=1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=1e-3)
+        # encoder layer after which each stride's features are ready: stride 2 -> layer 1, 4 -> 3, 8 -> 5
+        self._tap = {2: 1, 4: 3, 8: 5}
+        self.refinements = nn.ModuleList(FlowRefinement(c0 if r == 2 else c, int(refine_disp)) for r in refine)
+
+    def _encode(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Encoder features by stride: ``{stride: (B, C, H / stride, W / stride)}`` (the strides in use)."""
+        want = {self.stride, *self.refine_strides}
+        out: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.encoder):
+            x = layer(x)
+            for s_, tap in self._tap.items():
+                if tap == i and s_ in want:
+                    out[s_] = x
+        return out
 
     def forward(self, xray_grad: torch.Tensor, drr_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow from the DRR to the X-ray.
@@ -220,16 +314,18 @@ class FlowNetC(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
             d = F.pad(d, (0, pw, 0, ph))
-        feats = self.encoder(torch.cat([d, x], 0))
-        f_drr, f_xray = feats.chunk(2, 0)
+        feats = self._encode(torch.cat([d, x], 0))
+        f_drr, f_xray = feats[s].chunk(2, 0)
         corr = F.leaky_relu(correlation(f_drr, f_xray, self.max_disp), 0.1)
         coarse = self.head(self.decoder(torch.cat([corr, f_drr], 1)))
         if self.soft_argmax:
-            cos = correlation(F.normalize(f_drr, dim=1), F.normalize(f_xray, dim=1), self.max_disp)
-            cos = cos * f_drr.shape[1]  # correlation() averages over channels: back to cosine similarity
-            prob = torch.softmax(cos * self.log_temperature.exp(), 1)  # (B, D, h, w)
-            coarse = coarse + torch.einsum("bdhw,dc->bchw", prob, self.displacements.to(prob.dtype))
-        flow = _upsample_flow(coarse, s, h, w)
+            coarse = coarse + _soft_argmax(f_drr, f_xray, self.max_disp, self.log_temperature, self.displacements)
+        level, level_stride = coarse, s
+        for r, refinement in zip(self.refine_strides, self.refinements):
+            fd, fx = feats[r].chunk(2, 0)
+            level = refinement(fd, fx, _resample_flow(level, level_stride, r, fd.shape[-2], fd.shape[-1]))
+            level_stride = r
+        flow = _upsample_flow(level, level_stride, h, w)
         return flow, coarse
 
 

@@ -227,6 +227,24 @@ class ClassicMatcher:
         return res.uv_matched, w
 
 
+class OracleMatcher:
+    """The ground-truth correspondences (simulation only): each contour point is matched to the projection of the
+    same CT point at the ground truth, ``p'_i = P(T_gt T^-1 w_i)``, weight 1.
+
+    It measures what the PPC solve itself can do (the ceiling of one update with perfect 2D matching); it needs
+    the registration's ``T_gt``.
+    """
+
+    def __call__(self, drr, xray, drr_grad, xray_grad, uv, normals, mask, search_px, context):
+        T_gt = context.get("T_gt")
+        if T_gt is None:
+            raise InputError("the oracle matcher needs the ground-truth transform (T_gt): it is for simulations only")
+        T = context["T"].to(torch.float64)
+        moved = transform_points(T_gt.to(torch.float64) @ invert_rigid(T), context["points_3d"].to(torch.float64))
+        uv_true = context["window_projection"].project(moved)
+        return uv_true.to(uv.dtype), mask.to(uv.dtype)
+
+
 def crop_projection(proj: Projection, u0: int, v0: int, width: int, height: int) -> Projection:
     """The same C-arm restricted to the detector window starting at pixel (u0, v0) of size width x height."""
     K = proj.K.clone()
@@ -668,7 +686,8 @@ class Registration:
                                      torch.ones_like(uv_c[..., 0], dtype=torch.bool), self.search_px,
                                      {"iteration": it, "sigma_px": sigma, "points_3d": w_c[None],
                                       "gradients_3d": g_c[None], "source": proj.source,
-                                      "pixel_spacing_mm": float(proj.pixel_spacing[0, 0])})
+                                      "pixel_spacing_mm": float(proj.pixel_spacing[0, 0]),
+                                      "T": T, "T_gt": self.T_gt, "window_projection": sub})
         uv_m = uv_m.double()
         weights = weights.double().clamp(0, 1)
         uv_m_full = uv_m + uv_m.new_tensor([u0, v0])

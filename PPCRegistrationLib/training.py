@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .dataset import ShardDataset, sample_projection
+from .dataset import ShardDataset, flip_samples, sample_projection
 from .devices import resolve_device
 from .errors import InputError, PPCError
 from .geometry import centred_update
@@ -64,6 +64,8 @@ class TrainConfig:
     grad_clip: gradient-norm clipping (0 = off).
     val_every, val_samples: validation period (steps) and number of validation samples.
     checkpoint_every: checkpoint period (steps).
+    augment: mirror each training sample left-right and/or up-down at random (:func:`~PPCRegistrationLib.dataset.
+        flip_samples`; exact, the geometry is mirrored too): four times the views of a small data set.
     init: operator file to start from (fine-tuning, e.g. ``ppc-flow`` from a ``flow`` model): the parameters
         that exist in both are copied.
     flow: FlowNetC hyper-parameters.
@@ -83,6 +85,7 @@ class TrainConfig:
     val_every: int = 250
     val_samples: int = 400
     checkpoint_every: int = 250
+    augment: bool = False
     init: str | None = None
     flow: dict = field(default_factory=lambda: dict(CPU_FLOW_HPARAMS))
     seed: int = 0
@@ -509,7 +512,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     for it in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).tolist()
         mine = idx[dinfo.rank::world]  # this rank's part of the (global) batch
-        batch = _to(_collate([train_data[j] for j in mine]), device)
+        batch = _collate([train_data[j] for j in mine])
+        if cfg.augment:
+            f = (torch.rand(cfg.batch_size, 2, generator=gen) < 0.5)[dinfo.rank::world]
+            batch = flip_samples(batch, f[:, 0], f[:, 1])
+        batch = _to(batch, device)
         st = operator_step(model, batch, solve=cfg.method != "flow", out_of_plane=cfg.out_of_plane)
         loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm)
         opt.zero_grad(set_to_none=True)

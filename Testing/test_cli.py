@@ -364,3 +364,15 @@ def test_register_without_the_refinement(capsys, lumbar_case, tmp_path):
     assert res.config["registration"]["refine_iterations"] == 0 and "refine" not in out
     code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "r2"), "--refine-iterations", "-1")
     assert code == 2 and "--refine-iterations must be 0 or more" in err and "Traceback" not in err
+
+
+def test_evaluate_oracle_beside_classic(capsys, lumbar_ct_path, lumbar_labels_path, tmp_path):
+    out_dir = tmp_path / "eval"
+    code, out, err = run(capsys, "evaluate", "--ct", lumbar_ct_path, "--labels", lumbar_labels_path,
+                         "--vertebra", "L3", "--cases", "2", "--mtre-range", "10", "20", "--one-update",
+                         "--methods", "Oracle,classic", "--detector-px", "128", "--device", "cpu", "--out", out_dir,
+                         "--quiet")
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert list(summary["methods"]) == ["classic", "oracle"]
+    assert summary["methods"]["oracle"]["one_update"]["mtre_mean"] < summary["initial"]["mtre_mean"]

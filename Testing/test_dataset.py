@@ -72,6 +72,17 @@ def test_manifest_and_splits(root):
     assert len(ShardDataset(root, "train", limit=3)) == 3
 
 
+def test_several_splits_are_used_as_one(root, tmp_path):
+    both = ShardDataset(root, "train,val")
+    train, val = ShardDataset(root, "train"), ShardDataset(root, "val")
+    assert len(both) == len(train) + len(val) == 6 and both.complete and both.vertebrae == ["T8"]
+    assert torch.equal(both[4]["xray"], val[0]["xray"]) and torch.equal(both[0]["uv"], train[0]["uv"])
+    assert both[5]["vertebra"] == 0 and both.image_size == train.image_size
+    assert len(ShardDataset(root, "train, val", limit=5)) == 5
+    with pytest.raises(InputError, match="has no split 'test'"):
+        ShardDataset(root, "train,test")
+
+
 def test_sample_fields_shapes_and_masks(root):
     data = ShardDataset(root, "train")
     n, m = tiny_data.tiny_config().max_points, tiny_data.tiny_config().n_targets

@@ -225,3 +225,23 @@ def test_evaluate_one_update_only_and_early_model_errors(lumbar, models_dir, tmp
     with pytest.raises(ModelFileError, match="ppc-flow-attention.pt"):
         evaluate(ct, roi, ["classic", "ppc-flow-attention"], n_cases=50, models_dir=tmp_path, renderer=renderer,
                  surface=surface, progress=False)
+
+
+def test_oracle_is_the_ceiling_of_one_update(lumbar, tmp_path):
+    """The ground-truth correspondences through the plain PPC solve (real lumbar CT): one update removes most of
+    the in-plane error, and the oracle needs a ground truth."""
+    from PPCRegistrationLib.registration import OracleMatcher
+    ct, roi, renderer, surface, _ = lumbar
+    result = evaluate(ct, roi, ["oracle"], n_cases=3, seed=5, mtre_range=(10, 20), iterations=1, detector_px=128,
+                      device="cpu", renderer=renderer, surface=surface, progress=False)
+    for rec in result["cases"]:
+        r = rec["methods"]["oracle"]
+        assert r["mtre_one_update_mm"] < 0.8 * rec["initial_mtre_mm"], rec
+        assert r["mrpd_one_update_mm"] < 3.0, rec  # the reprojection error (in-plane) nearly vanishes
+    assert "| oracle |" in summary_markdown(result)
+    case = make_case(renderer, surface.points.to(torch.float64), 0, (10.0, 10.0),
+                     ViewSampler(detector_size_px=128), None)
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(max_iterations=1),
+                       matcher=OracleMatcher(), surface=surface, renderer=renderer)
+    with pytest.raises(InputError, match="ground-truth transform"):
+        reg.step()

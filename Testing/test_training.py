@@ -254,3 +254,76 @@ def test_cli_train_help(capsys):
     for opt in ("--method", "--data", "--iterations", "--batch-size", "--lr", "--weight-decay", "--lambda-epe",
                 "--val-every", "--val-samples", "--checkpoint-every", "--init", "--seed", "--device", "--no-resume"):
         assert opt in out, opt
+
+
+# ----------------------------------------------------------------------------- augmentation, refinement levels
+
+
+def test_flipped_samples_keep_their_geometry_exact(root):
+    """Mirrored samples (real chest CT): the contour points still project to their (mirrored) pixels, the images
+    are mirrored, the input is untouched, and a PPC update from the ground-truth correspondences gives the same pose
+    as on the original samples."""
+    from PPCRegistrationLib.dataset import flip_samples, sample_projection
+    data = ShardDataset(root, "train")
+    batch = _collate([data[j] for j in range(4)])
+    before = {k: v.clone() for k, v in batch.items()}
+    fu, fv = torch.tensor([True, False, True, False]), torch.tensor([False, True, True, False])
+    flipped = flip_samples(batch, fu, fv)
+    for k in batch:
+        assert torch.equal(batch[k], before[k]), f"flip_samples modified its input {k}"
+    h, w = batch["xray"].shape[-2:]
+    assert torch.equal(flipped["xray"][0], batch["xray"][0].flip(1))
+    assert torch.equal(flipped["drr"][1], batch["drr"][1].flip(0))
+    assert torch.equal(flipped["xray"][2], batch["xray"][2].flip(0).flip(1))
+    assert torch.equal(flipped["drr"][3], batch["drr"][3])
+    m = batch["mask"]
+    for b in (batch, flipped):
+        uv = sample_projection(b, h, w).project(b["points"].to(torch.float64))
+        assert (uv - b["uv"].to(torch.float64)).abs()[m].max() < 1e-3
+    assert torch.allclose(flipped["uv"][0, :, 0][m[0]], (w - 1) - batch["uv"][0, :, 0][m[0]])
+    assert torch.allclose(flipped["flow_gt"][1, :, 1], -batch["flow_gt"][1, :, 1])
+
+    class Oracle(torch.nn.Module):  # the ground-truth correspondences of the batch it is given
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, drr, xray, uv, mask, *rest):
+            return {"uv_matched": uv + self.b["flow_gt"], "weights": mask.to(torch.float64)}
+
+    a = operator_step(Oracle(batch), batch)
+    b = operator_step(Oracle(flipped), flipped)
+    assert torch.allclose(a["T_est"], b["T_est"], atol=1e-6)
+    assert (a["mtre_after"] < a["mtre_before"]).all()
+
+
+def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_path):
+    common = ["--data", root, "--batch-size", "2", "--val-every", "2", "--val-samples", "2", "--device", "cpu",
+              "--quiet", "--threads", "1", "--iterations", "2", "--lr", "1e-3"]
+    code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "flow", "--refine-strides", "4,2",
+                         "--augment", *common)
+    assert code == 0, err
+    op, meta = operator_from_file(tmp_path / "flow" / "model.pt", method="flow")
+    assert op.flow_net.hparams["refine_strides"] == [4, 2]
+    assert json_load(tmp_path / "flow" / "config.json")["augment"] is True
+    # fine-tuning keeps the --init model's architecture (all its tensors are copied) ...
+    code, out, err = run(capsys, "train", "--method", "ppc-flow", "--out", tmp_path / "pf", "--init",
+                         tmp_path / "flow" / "model.pt", *common)
+    assert code == 0, err
+    assert f"initialised {len(op.flow_net.state_dict())} parameter tensors" in out
+    assert operator_from_file(tmp_path / "pf" / "model.pt", method="ppc-flow")[0].flow_net.hparams[
+        "refine_strides"] == [4, 2]
+    # ... unless --refine-strides says otherwise; a bad value is a clear error
+    code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f2", "--init",
+                         tmp_path / "flow" / "model.pt", "--refine-strides", "none", *common)
+    assert code == 0, err
+    assert "refine_strides" not in operator_from_file(tmp_path / "f2" / "model.pt", method="flow")[0].flow_net.hparams
+    for bad, fragment in (("4;2", "comma-separated"), ("8", "refine_strides")):
+        code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f3", "--refine-strides", bad,
+                             *common)
+        assert code == 2 and fragment in err and "Traceback" not in err, (bad, err)
+
+
+def json_load(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text())
