@@ -756,7 +756,8 @@ def _cmd_train(args) -> int:
                                            "out_of_plane", "val_every", "val_samples", "checkpoint_every", "seed")
              if getattr(args, k) is not None}
     flow = _train_flow_hparams(init, args.refine_strides)
-    cfg = TrainConfig(method=args.method, init=init, device=args.device, augment=args.augment, flow=flow, **given)
+    cfg = TrainConfig(method=args.method, init=init, device=args.device, augment=args.augment or args.zoom > 1,
+                      zoom=args.zoom, flow=flow, **given)
     res = train(cfg, data, Path(args.out).expanduser(), train_split=args.train_split, val_split=args.val_split,
                 resume=not args.no_resume, progress=not args.quiet, log=_say)
     if res.get("rank", 0) != 0:
@@ -866,6 +867,9 @@ def _add_training_parsers(sub) -> None:
                         "4, 4,2 or none (default: the --init model's architecture, else none)")
     p.add_argument("--augment", action="store_true",
                    help="mirror training samples left-right / up-down at random (exact: the geometry is mirrored too)")
+    p.add_argument("--zoom", type=_nonneg_float("--zoom"), default=1.0, metavar="MAX",
+                   help="also magnify training samples by a random factor in [1, MAX] about the window centre (exact: "
+                        "the intrinsics are scaled too; implies --augment; default 1 = off)")
     p.add_argument("--seed", type=int, help="seed of the initialisation and the batch order (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="default auto; under torchrun, cuda means the GPU LOCAL_RANK")

@@ -57,7 +57,7 @@ from .simulation import ViewSampler, XRayVariation, _uniform, random_initial_tra
 from .volume import Volume
 
 __all__ = ["DATASET_FORMAT", "DATASET_VERSION", "DatasetConfig", "make_sample", "generate_split",
-           "ShardDataset", "read_manifest", "sample_projection", "FIELDS", "flip_samples"]
+           "ShardDataset", "read_manifest", "sample_projection", "FIELDS", "flip_samples", "zoom_samples"]
 
 DATASET_FORMAT = "PPCRegistrationLib.dataset"
 DATASET_VERSION = 1
@@ -141,6 +141,53 @@ def flip_samples(batch: Mapping[str, torch.Tensor], flip_u: torch.Tensor, flip_v
         uv[f, :, axis] = (size - 1) - uv[f, :, axis]
         flow[f, :, axis] = -flow[f, :, axis]
     out.update(K=K, uv=uv, flow_gt=flow)
+    return out
+
+
+def zoom_samples(batch: Mapping[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Magnify samples about the window centre (data augmentation), keeping their geometry exact.
+
+    Pixel u maps to ``c + s (u - c)`` (c the window centre, s >= 1): the rays then belong to the intrinsics
+    ``A K`` with ``A = [[s, 0, (1 - s) c_u], [0, s, (1 - s) c_v], [0, 0, 1]]``, as if the detector pixels were
+    ``s`` times smaller (or the anatomy larger). Images are resampled bilinearly; the flow is scaled by ``s``;
+    contour points that leave the window are masked out.
+
+    Args:
+        batch: stacked samples (fields of this module); other fields are passed through.
+        scale: ``(B,)`` magnification factors, each >= 1 (1 = unchanged).
+    Returns:
+        A new dict (the input is not modified).
+    """
+    s_ = scale.to(torch.float64).reshape(-1)
+    if bool((s_ < 1).any()) or not bool(torch.isfinite(s_).all()):
+        raise InputError("zoom factors must be finite and >= 1 (a smaller image would need padding)")
+    out = dict(batch)
+    h, w = batch["xray"].shape[-2:]
+    c = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], dtype=torch.float64)
+    b = s_.shape[0]
+    # output pixel p samples the input at c + (p - c) / s, in grid_sample's [-1, 1] coordinates
+    half = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], dtype=torch.float64)
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    pix = torch.stack([u, v], -1)[None]  # (1, H, W, 2)
+    src = c + (pix - c) / s_[:, None, None, None]
+    grid = (src - half) / half
+    for name in ("xray", "drr"):
+        img = batch[name]
+        z = torch.nn.functional.grid_sample(img[:, None].to(torch.float64), grid, mode="bilinear",
+                                            padding_mode="border", align_corners=True)[:, 0].to(img.dtype)
+        out[name] = torch.where((s_ != 1)[:, None, None], z, img)
+    A = torch.zeros(b, 3, 3, dtype=torch.float64)
+    A[:, 0, 0] = s_
+    A[:, 1, 1] = s_
+    A[:, 0, 2] = (1 - s_) * c[0]
+    A[:, 1, 2] = (1 - s_) * c[1]
+    A[:, 2, 2] = 1
+    out["K"] = (A @ batch["K"].to(torch.float64)).to(batch["K"].dtype)
+    uv = c + (batch["uv"].to(torch.float64) - c) * s_[:, None, None]
+    out["uv"] = uv.to(batch["uv"].dtype)
+    out["flow_gt"] = (batch["flow_gt"].to(torch.float64) * s_[:, None, None]).to(batch["flow_gt"].dtype)
+    inside = (uv[..., 0] >= 0) & (uv[..., 0] <= w - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= h - 1)
+    out["mask"] = batch["mask"] & inside
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .dataset import ShardDataset, flip_samples, sample_projection
+from .dataset import ShardDataset, flip_samples, sample_projection, zoom_samples
 from .devices import resolve_device
 from .errors import InputError, PPCError
 from .geometry import centred_update
@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_every: checkpoint period (steps).
     augment: mirror each training sample left-right and/or up-down at random (:func:`~PPCRegistrationLib.dataset.
         flip_samples`; exact, the geometry is mirrored too): four times the views of a small data set.
+    zoom: with ``augment``, also magnify each sample by a factor uniform in [1, zoom] (:func:`~PPCRegistrationLib.
+        dataset.zoom_samples`; exact): anatomy of other sizes (1 = off).
     init: operator file to start from (fine-tuning, e.g. ``ppc-flow`` from a ``flow`` model): the parameters
         that exist in both are copied.
     flow: FlowNetC hyper-parameters.
@@ -86,6 +88,7 @@ class TrainConfig:
     val_samples: int = 400
     checkpoint_every: int = 250
     augment: bool = False
+    zoom: float = 1.0
     init: str | None = None
     flow: dict = field(default_factory=lambda: dict(CPU_FLOW_HPARAMS))
     seed: int = 0
@@ -97,6 +100,8 @@ class TrainConfig:
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "val_samples"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(float(self.zoom)) and float(self.zoom) >= 1):
+            raise InputError(f"the largest zoom factor must be >= 1 (1 = no zoom), got {self.zoom}")
         for name in ("lr", "weight_decay", "lambda_epe", "mtre_clip_mm", "grad_clip"):
             v = float(getattr(self, name))
             if not (v >= 0 and math.isfinite(v)):
@@ -514,8 +519,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
         mine = idx[dinfo.rank::world]  # this rank's part of the (global) batch
         batch = _collate([train_data[j] for j in mine])
         if cfg.augment:
-            f = (torch.rand(cfg.batch_size, 2, generator=gen) < 0.5)[dinfo.rank::world]
-            batch = flip_samples(batch, f[:, 0], f[:, 1])
+            r = torch.rand(cfg.batch_size, 3, generator=gen)[dinfo.rank::world]
+            batch = flip_samples(batch, r[:, 0] < 0.5, r[:, 1] < 0.5)
+            if cfg.zoom > 1:
+                batch = zoom_samples(batch, 1 + (cfg.zoom - 1) * r[:, 2])
         batch = _to(batch, device)
         st = operator_step(model, batch, solve=cfg.method != "flow", out_of_plane=cfg.out_of_plane)
         loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm)

@@ -297,15 +297,51 @@ def test_flipped_samples_keep_their_geometry_exact(root):
     assert (a["mtre_after"] < a["mtre_before"]).all()
 
 
+def test_zoomed_samples_keep_their_geometry_exact(root):
+    """Magnified samples (real chest CT): contour points still project to their pixels, points leaving the window
+    are masked out, the flow scales with the zoom, and the ground-truth PPC update is unchanged."""
+    from PPCRegistrationLib.dataset import sample_projection, zoom_samples
+    data = ShardDataset(root, "train")
+    batch = _collate([data[j] for j in range(4)])
+    zoom = torch.tensor([1.0, 1.25, 1.5, 4.0])
+    zoomed = zoom_samples(batch, zoom)
+    h, w = batch["xray"].shape[-2:]
+    assert torch.equal(zoomed["xray"][0], batch["xray"][0])
+    m = zoomed["mask"]
+    assert (m <= batch["mask"]).all() and m[3].sum() < batch["mask"][3].sum()  # 4x zoom drops the outer points
+    uv = sample_projection(zoomed, h, w).project(zoomed["points"].to(torch.float64))
+    assert (uv - zoomed["uv"].to(torch.float64)).abs()[m].max() < 1e-3
+    assert torch.allclose(zoomed["flow_gt"][3], 4 * batch["flow_gt"][3])
+    c = (w - 1) / 2  # the centre pixel keeps its value; an off-centre feature moves outwards
+    assert zoomed["xray"][3][int(c), int(c)] == pytest.approx(float(batch["xray"][3][int(c), int(c)]), rel=0.05)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, drr, xray, uv, mask, *rest):
+            return {"uv_matched": uv + self.b["flow_gt"], "weights": mask.to(torch.float64)}
+
+    full = {**batch, "mask": m}  # the same contour points on both sides
+    a, b = operator_step(Oracle(full), full), operator_step(Oracle(zoomed), zoomed)
+    assert torch.allclose(a["T_est"], b["T_est"], atol=1e-6)
+    with pytest.raises(InputError, match=">= 1"):
+        zoom_samples(batch, torch.tensor([1.0, 0.9, 1.0, 1.0]))
+    with pytest.raises(InputError, match="zoom"):
+        TrainConfig(method="flow", zoom=0.5)
+
+
 def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_path):
     common = ["--data", root, "--batch-size", "2", "--val-every", "2", "--val-samples", "2", "--device", "cpu",
               "--quiet", "--threads", "1", "--iterations", "2", "--lr", "1e-3"]
     code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "flow", "--refine-strides", "4,2",
-                         "--augment", *common)
+                         "--zoom", "1.3", *common)
     assert code == 0, err
     op, meta = operator_from_file(tmp_path / "flow" / "model.pt", method="flow")
     assert op.flow_net.hparams["refine_strides"] == [4, 2]
-    assert json_load(tmp_path / "flow" / "config.json")["augment"] is True
+    config = json_load(tmp_path / "flow" / "config.json")
+    assert config["augment"] is True and config["zoom"] == 1.3
     # fine-tuning keeps the --init model's architecture (all its tensors are copied) ...
     code, out, err = run(capsys, "train", "--method", "ppc-flow", "--out", tmp_path / "pf", "--init",
                          tmp_path / "flow" / "model.pt", *common)

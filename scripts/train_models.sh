@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:-${PPCREG_DATA:-$HOME/.cache/ppcregistration/ppc_ds}}
 RUNS=${2:-runs}
 ITERATIONS=${ITERATIONS:-20000}
+PPC_ITERATIONS=${PPC_ITERATIONS:-3000}
 DEVICE=${DEVICE:-auto}
 PPCREG=${PPCREG:-.venv/bin/ppcreg}
 TRAIN_V=L3,L1,T12,T11,T10,T9,T7,T6,T5,T4,T3,T2,T1   # sample chest CT; T8 and L2 are held out for validation
@@ -21,14 +22,24 @@ for part in 0 1; do
   "$PPCREG" make-dataset --sample --vertebrae T8,L2 --split val --samples 400 --seed 2 --out "$DATA" --part $part 2 &
 done
 wait
+# a second training split of the same vertebrae, another seed (used together with the first: train,train2)
+for part in 0 1; do
+  "$PPCREG" make-dataset --sample --vertebrae "$TRAIN_V" --split train2 --samples 2400 --seed 11 --out "$DATA" --part $part 2 &
+done
+wait
 
-# flow from scratch; ppc-flow and ppc-flow-attention fine-tuned from it through the (damped) PPC layer, side by side.
-# The shipped models: flow stopped at 6,500 steps (best validation EPE at 5,250), the PPC models at 1,500 and 1,250
-# steps (best validation mTRE at 1,000): see the model cards.
-"$PPCREG" train --method flow --data "$DATA" --out "$RUNS/flow" --iterations "$ITERATIONS" --lr 5e-4 --device "$DEVICE"
+# Version 2 of the shipped models (see the model cards):
+# 1. flow v1: the correlation level alone, from scratch on train (6,500 steps, best validation EPE at 5,250);
+# 2. flow v2: v1 plus a stride-4 refinement level (warping + local cost volume), fine-tuned with mirror augmentation,
+#    first on train, then on train,train2 (resumed from its checkpoint once train2 existed);
+# 3. ppc-flow and ppc-flow-attention fine-tuned from flow v2 through the (damped) PPC layer, side by side.
+"$PPCREG" train --method flow --data "$DATA" --out "$RUNS/flow_v1" --iterations 6500 --lr 5e-4 --refine-strides none \
+  --device "$DEVICE"
+"$PPCREG" train --method flow --data "$DATA" --train-split train,train2 --out "$RUNS/flow" --iterations "$ITERATIONS" \
+  --lr 3e-4 --init "$RUNS/flow_v1/model.pt" --refine-strides 4 --augment --device "$DEVICE"
 for m in ppc-flow ppc-flow-attention; do
-  "$PPCREG" train --method $m --data "$DATA" --out "$RUNS/$m" --iterations "$ITERATIONS" --lr 2e-4 --out-of-plane 1 \
-    --init "$RUNS/flow/model.pt" --device "$DEVICE" &
+  "$PPCREG" train --method $m --data "$DATA" --train-split train,train2 --out "$RUNS/$m" --iterations "$PPC_ITERATIONS" \
+    --lr 2e-4 --out-of-plane 1 --augment --init "$RUNS/flow/model.pt" --device "$DEVICE" &
 done
 wait
 echo "models: $RUNS/{flow,ppc-flow,ppc-flow-attention}/model.pt (copy them to Resources/Models/<method>.pt)"
