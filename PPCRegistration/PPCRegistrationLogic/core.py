@@ -337,6 +337,13 @@ def _nodeIDs(scene, className: str) -> set:
     return {col.GetItemAsObject(i).GetID() for i in range(col.GetNumberOfItems())}
 
 
+#: DRR pixels below this are outside the rendered window: transparent over the X-ray
+DRR_TRANSPARENT_BELOW = 1e-6
+#: Slicer's red colour table for the DRR overlay (used when the scene has it: the application's scenes do)
+DRR_COLOR_NODE_ID = "vtkMRMLColorTableNodeRed"
+#: pixels: line thickness of the contour points and flow vectors in slice views
+SLICE_THICKNESS_PX = 3
+
 # ----------------------------------------------------------------------------- poly data helpers
 
 
@@ -463,6 +470,9 @@ def _styleWeightDisplay(displayNode, colorNode, pointSize: float = 5.0, lineWidt
     displayNode.SetScalarRange(0.0, 1.0)
     displayNode.SetPointSize(pointSize)
     displayNode.SetLineWidth(lineWidth)
+    # slice views draw models with the slice intersection thickness (1 px by default), not the point size or
+    # line width: thicker, so that the points and vectors can be seen on the X-ray
+    displayNode.SetSliceIntersectionThickness(SLICE_THICKNESS_PX)
     displayNode.SetVisibility2D(True)
     if projection2D and hasattr(displayNode, "SetSliceDisplayModeToProjection"):
         displayNode.SetSliceDisplayModeToProjection()
@@ -722,6 +732,8 @@ class PPCRegistrationCoreLogic:
         self.contour3DNode = _ensureModelNode(scene, "contour3d", OUTPUT_NAMES["contour3d"])
         self.flowNode = _ensureModelNode(scene, "flow", OUTPUT_NAMES["flow"])
         self.carmNode = _ensureModelNode(scene, "carm", OUTPUT_NAMES["carm"])
+        if scene.GetNodeByID(DRR_COLOR_NODE_ID) is not None:  # a red DRR: misaligned edges show in colour
+            self.drrNode.GetDisplayNode().SetAndObserveColorNodeID(DRR_COLOR_NODE_ID)
         _styleWeightDisplay(self.contour2DNode.GetDisplayNode(), colorNode, pointSize=5.0)
         _styleWeightDisplay(self.contour3DNode.GetDisplayNode(), colorNode, pointSize=6.0, projection2D=False)
         self.contour3DNode.GetDisplayNode().SetVisibility2D(False)
@@ -803,9 +815,15 @@ class PPCRegistrationCoreLogic:
             setIJKToRAS(self.drrNode, xrayIJKToRAS(proj))
             disp = self.drrNode.GetDisplayNode()
             if disp is not None:
-                lo, hi = np.percentile(d, [1, 99.5]) if d.size else (0.0, 1.0)
+                # window on the rendered pixels only (the DRR is zero outside the window rendered around the
+                # region), and those zeros transparent, so that the X-ray shows around the overlay
+                rendered = d[d > 0]
+                lo, hi = np.percentile(rendered, [1, 99.5]) if rendered.size else (0.0, 1.0)
                 disp.SetAutoWindowLevel(False)
                 disp.SetWindowLevelMinMax(float(lo), float(max(hi, lo + 1e-6)))
+                disp.SetApplyThreshold(True)
+                disp.SetLowerThreshold(DRR_TRANSPARENT_BELOW)
+                disp.SetUpperThreshold(float(max(d.max(), 1.0)) * 10.0)
 
         pts3 = getattr(state, "points_3d", None)
         if pts3 is not None and int(pts3.shape[0]) == 0 and getattr(state, "operator", "") == "refine":

@@ -181,6 +181,20 @@ def checkOutputs(logic, sc: Scenario, res: ScenarioResult) -> list[str]:
         problems.append("the DRR is empty or not finite")
     if not np.allclose(core.ijkToRASArray(nodes["drr"]), core.xrayIJKToRAS(sc.projection), atol=1e-6):
         problems.append("the DRR does not lie on the detector plane")
+    # its display: windowed on the rendered pixels (not on the zeros around them), the zeros transparent
+    disp = nodes["drr"].GetDisplayNode()
+    rendered = drr[drr > 0]
+    if disp is None or rendered.size == 0:
+        problems.append("the DRR has no display node or no rendered pixel")
+    else:
+        if disp.GetWindowLevelMin() < float(np.percentile(rendered, 0.5)) - 1e-6:
+            problems.append(f"the DRR window starts at {disp.GetWindowLevelMin():.3g}, below its rendered pixels "
+                            f"({float(rendered.min()):.3g}..): the overlay looks washed out")
+        if not disp.GetApplyThreshold() or disp.GetLowerThreshold() <= 0:
+            problems.append("the zeros around the DRR window are not transparent (no threshold)")
+    for key in ("contour2d", "flow"):
+        if nodes[key].GetDisplayNode().GetSliceIntersectionThickness() < 2:
+            problems.append(f"{key} is drawn 1 px thin in the slice views")
     # points and vectors: counts and weights
     # the last update with correspondences (the intensity refinement's updates have none and keep them shown)
     last = next((st for st in reversed(res.states) if getattr(st, "operator", "") != "refine"), None)
