@@ -757,7 +757,7 @@ def _cmd_train(args) -> int:
              if getattr(args, k) is not None}
     flow = _train_flow_hparams(init, args.refine_strides)
     cfg = TrainConfig(method=args.method, init=init, device=args.device, augment=args.augment or args.zoom > 1,
-                      zoom=args.zoom, flow=flow, **given)
+                      zoom=args.zoom, pose_loss=args.pose_loss, flow=flow, **given)
     res = train(cfg, data, Path(args.out).expanduser(), train_split=args.train_split, val_split=args.val_split,
                 resume=not args.no_resume, progress=not args.quiet, log=_say)
     if res.get("rank", 0) != 0:
@@ -853,6 +853,9 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--weight-decay", type=_nonneg_float("--weight-decay"), help="default 1e-6")
     p.add_argument("--lambda-epe", type=_nonneg_float("--lambda-epe"),
                    help="weight of the EPE (px) in the PPC losses, mTRE (mm) + lambda EPE (default 1)")
+    p.add_argument("--pose-loss", choices=("mtre", "mrpd"), default="mtre",
+                   help="pose error of the PPC losses after the PPC layer: mtre (the paper's, default) or mrpd (the mean "
+                        "re-projection distance: what one view observes; depth errors do not dilute it)")
     p.add_argument("--out-of-plane", type=_nonneg_float("--out-of-plane"),
                    help="damping of the weakly observable directions (depth, rotations about the detector axes) "
                         "in the PPC layer, as the registration's plain solver uses it (default 1; 0 = none)")

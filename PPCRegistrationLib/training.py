@@ -37,7 +37,7 @@ import torch
 from .dataset import ShardDataset, flip_samples, sample_projection, zoom_samples
 from .devices import resolve_device
 from .errors import InputError, PPCError
-from .geometry import centred_update
+from .geometry import centred_update, transform_points
 from .metrics import mtre, reduction_factor
 from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
 from .ppc import out_of_plane_damping, solve_ppc
@@ -48,6 +48,8 @@ __all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", 
 #: Tikhonov regularisation of the learned operator's PPC solve (relative to the mean eigenvalue); the
 #: registration's ``solver="plain"`` uses ``RegistrationConfig.damping_min``, which has the same value.
 LEARNED_REGULARIZATION = 1e-5
+#: pose errors the PPC models can be trained on (through the PPC layer), see :func:`compute_loss`
+POSE_LOSSES = ("mtre", "mrpd")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
     out_of_plane: damping of the weakly observable directions in the PPC layer (see
         :func:`~PPCRegistrationLib.ppc.out_of_plane_damping`; the registration's ``plain_out_of_plane``).
     mtre_clip_mm: per-sample mTRE loss is capped there (a wildly wrong update should not dominate a batch).
+    pose_loss: the pose error of the PPC losses: ``mtre`` (the paper's) or ``mrpd`` (see :func:`compute_loss`).
     grad_clip: gradient-norm clipping (0 = off).
     val_every, val_samples: validation period (steps) and number of validation samples.
     checkpoint_every: checkpoint period (steps).
@@ -89,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     augment: bool = False
     zoom: float = 1.0
+    pose_loss: str = "mtre"
     init: str | None = None
     flow: dict = field(default_factory=lambda: dict(CPU_FLOW_HPARAMS))
     seed: int = 0
@@ -100,6 +104,8 @@ class TrainConfig:
         for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "val_samples"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pose_loss not in POSE_LOSSES:
+            raise InputError(f"unknown pose loss {self.pose_loss!r}: use one of {', '.join(POSE_LOSSES)}")
         if not (math.isfinite(float(self.zoom)) and float(self.zoom) >= 1):
             raise InputError(f"the largest zoom factor must be >= 1 (1 = no zoom), got {self.zoom}")
         for name in ("lr", "weight_decay", "lambda_epe", "mtre_clip_mm", "grad_clip"):
@@ -157,23 +163,38 @@ def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, sol
     T_init = batch["T_init"].to(torch.float64)
     T_est = centred_update(sol.dv, sol.centre, T_init)
     targets = batch["targets"].to(torch.float64)
-    res.update(T_est=T_est, mtre_before=mtre(T_init, batch["T_gt"].to(torch.float64), targets),
-               mtre_after=mtre(T_est, batch["T_gt"].to(torch.float64), targets), rank_deficient=sol.rank_deficient)
+    T_gt = batch["T_gt"].to(torch.float64)
+    res.update(T_est=T_est, mtre_before=mtre(T_init, T_gt, targets), mtre_after=mtre(T_est, T_gt, targets),
+               mrpd_after=_batched_mrpd(T_est, T_gt, targets, proj), rank_deficient=sol.rank_deficient)
     return res
 
 
-def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: float = 1.0,
-                 mtre_clip_mm: float = 100.0) -> torch.Tensor:
-    """The training loss of a batch: EPE (``flow``) or mTRE + ``lambda_epe`` * EPE (the PPC models).
+def _batched_mrpd(T_est: torch.Tensor, T_gt: torch.Tensor, targets: torch.Tensor, proj) -> torch.Tensor:
+    """Mean re-projection distance (mm) per sample, targets ``(B, M, 3)`` (see :func:`~PPCRegistrationLib.metrics.
+    mrpd`): the distance of ``T_gt x_j`` from the ray through the projection of ``T_est x_j``; differentiable."""
+    est = transform_points(T_est, targets)
+    gt = transform_points(T_gt, targets)
+    rays = proj.ray_directions(proj.project(est))
+    v = gt - proj.source.to(gt.dtype)[:, None, :]
+    return torch.linalg.norm(torch.linalg.cross(v, rays, dim=-1), dim=-1).mean(-1)
 
-    Samples whose PPC system is rank deficient contribute their EPE only; each sample's mTRE is capped at
-    ``mtre_clip_mm``.
+
+def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: float = 1.0,
+                 mtre_clip_mm: float = 100.0, pose_loss: str = "mtre") -> torch.Tensor:
+    """The training loss of a batch: EPE (``flow``) or pose error + ``lambda_epe`` * EPE (the PPC models).
+
+    The pose error after the PPC layer is the mTRE (``pose_loss="mtre"``, the paper's) or the mean re-projection
+    distance (``"mrpd"``: the part of the error a single view observes; the depth error, which one damped update
+    does not correct, then does not dilute the gradient). Samples whose PPC system is rank deficient contribute
+    their EPE only; each sample's pose error is capped at ``mtre_clip_mm``.
     """
     epe = step["epe"].mean()
     if method == "flow":
         return epe
+    if pose_loss not in POSE_LOSSES:
+        raise InputError(f"unknown pose loss {pose_loss!r}: use one of {', '.join(POSE_LOSSES)}")
     ok = ~step["rank_deficient"]
-    m = step["mtre_after"].clamp(max=float(mtre_clip_mm))
+    m = step[f"{pose_loss}_after"].clamp(max=float(mtre_clip_mm))
     m = torch.where(ok, m, torch.zeros_like(m))
     return m.sum() / ok.sum().clamp_min(1) + float(lambda_epe) * epe.to(m.dtype)
 
@@ -497,7 +518,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     meta_common = {"method": cfg.method, "data": str(data_root), "train_samples": n,
                    "train_vertebrae": train_data.vertebrae, "val_vertebrae": val_data.vertebrae,
                    "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                   "lambda_epe": cfg.lambda_epe, "device": str(device), "world_size": world,
+                   "lambda_epe": cfg.lambda_epe, "pose_loss": cfg.pose_loss, "augment": cfg.augment,
+                   "zoom": cfg.zoom, "train_split": train_split, "device": str(device), "world_size": world,
                    "hardware": f"{platform.processor() or platform.machine()} x{os.cpu_count()} "
                                f"torch {torch.__version__} threads {torch.get_num_threads()}"
                                + (f" x {world} processes ({dinfo.backend})" if world > 1 else "")}
@@ -525,7 +547,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
                 batch = zoom_samples(batch, 1 + (cfg.zoom - 1) * r[:, 2])
         batch = _to(batch, device)
         st = operator_step(model, batch, solve=cfg.method != "flow", out_of_plane=cfg.out_of_plane)
-        loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm)
+        loss = compute_loss(cfg.method, st, cfg.lambda_epe, cfg.mtre_clip_mm, cfg.pose_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -344,8 +344,9 @@ def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_pat
     assert config["augment"] is True and config["zoom"] == 1.3
     # fine-tuning keeps the --init model's architecture (all its tensors are copied) ...
     code, out, err = run(capsys, "train", "--method", "ppc-flow", "--out", tmp_path / "pf", "--init",
-                         tmp_path / "flow" / "model.pt", *common)
+                         tmp_path / "flow" / "model.pt", "--pose-loss", "mrpd", *common)
     assert code == 0, err
+    assert operator_from_file(tmp_path / "pf" / "model.pt", method="ppc-flow")[1]["pose_loss"] == "mrpd"
     assert f"initialised {len(op.flow_net.state_dict())} parameter tensors" in out
     assert operator_from_file(tmp_path / "pf" / "model.pt", method="ppc-flow")[0].flow_net.hparams[
         "refine_strides"] == [4, 2]
@@ -358,6 +359,26 @@ def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_pat
         code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f3", "--refine-strides", bad,
                              *common)
         assert code == 2 and fragment in err and "Traceback" not in err, (bad, err)
+
+
+def test_pose_losses_through_the_ppc_layer(root):
+    """The mRPD loss is the re-projection part of the error: below the mTRE, and it passes gradients too."""
+    data = ShardDataset(root, "train")
+    batch = _collate([data[j] for j in range(4)])
+    torch.manual_seed(0)
+    op = LearnedOperator("ppc-flow", network_pixel_mm=PIXEL_MM)
+    st = operator_step(op, batch)
+    assert (st["mrpd_after"] <= st["mtre_after"] + 1e-9).all()
+    for pose in ("mtre", "mrpd"):
+        op.zero_grad()
+        loss = compute_loss("ppc-flow", operator_step(op, batch), lambda_epe=0.0, pose_loss=pose)
+        loss.backward()
+        g = sum(float(p.grad.abs().sum()) for p in op.parameters() if p.grad is not None)
+        assert math.isfinite(float(loss)) and g > 0, pose
+    with pytest.raises(InputError, match="pose loss"):
+        compute_loss("ppc-flow", st, pose_loss="depth")
+    with pytest.raises(InputError, match="pose loss"):
+        TrainConfig(method="ppc-flow", pose_loss="depth")
 
 
 def json_load(path: Path) -> dict:
