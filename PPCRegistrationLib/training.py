@@ -483,6 +483,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     if ck is not None:
         op.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # a resumed run takes the learning rate it is given (e.g. a lower one)
+            group["lr"] = cfg.lr
         start = int(ck["iteration"])
         best = ck.get("best")
         if isinstance(ck.get("generator"), torch.Tensor):
