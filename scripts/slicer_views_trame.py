@@ -48,17 +48,9 @@ L3 = 29
 
 def screenshot(view, path: Path) -> None:
     """Render a trame-slicer view's render window and write it to a PNG."""
-    import vtk
+    from PPCRegistrationLogic.render import saveRenderWindow
 
-    view.render_window().Render()
-    grab = vtk.vtkWindowToImageFilter()
-    grab.SetInput(view.render_window())
-    grab.ReadFrontBufferOff()
-    grab.Update()
-    writer = vtk.vtkPNGWriter()
-    writer.SetFileName(str(path))
-    writer.SetInputConnection(grab.GetOutputPort())
-    writer.Write()
+    saveRenderWindow(view.render_window(), path)
     print("wrote", path)
 
 

