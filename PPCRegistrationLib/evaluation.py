@@ -38,7 +38,8 @@ from .volume import Volume
 __all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS", "ORACLE"]
 
 #: the ground-truth correspondences (simulation only, :class:`~PPCRegistrationLib.registration.OracleMatcher`)
-#: through the learned operators' plain PPC solve: the ceiling of what one update can do with perfect 2D matching
+#: through the learned operators' plain PPC solve, without the registration's limits on the update size: the
+#: ceiling of what one update can do with perfect 2D matching
 ORACLE = "oracle"
 #: method names :func:`evaluate` knows (learned and chained ones need their model files, see
 #: :mod:`PPCRegistrationLib.methods`); any other 2D matching step can be passed in through ``matchers``
@@ -217,7 +218,9 @@ def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method |
         reg = method.registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
                                   surface=surface, renderer=renderer)
     elif isinstance(method, OracleMatcher):  # perfect matching through the learned operators' plain solve
-        ocfg = method_config("flow", cfg, search_px=ORACLE_SEARCH_PX)
+        # no safety limits on the size of the update: the oracle's update is as large as the initial error
+        ocfg = replace(method_config("flow", cfg, search_px=ORACLE_SEARCH_PX), max_update_mm=math.inf,
+                       max_drift_mm=math.inf)
         reg = Registration(ct, case.xray, case.projection, case.T_init, roi, ocfg, T_gt=case.T_gt, matcher=method,
                            surface=surface, renderer=renderer)
     else:  # a custom 2D matching step

