@@ -237,7 +237,7 @@ def test_oracle_is_the_ceiling_of_one_update(lumbar, tmp_path):
     for rec in result["cases"]:
         r = rec["methods"]["oracle"]
         assert r["mtre_one_update_mm"] < 0.8 * rec["initial_mtre_mm"], rec
-        assert r["mrpd_one_update_mm"] < 0.25 * rec["initial_mtre_mm"], rec  # most of the in-plane error goes
+        assert r["mrpd_one_update_mm"] < 0.5 * rec["initial_mtre_mm"], rec  # most of the in-plane error goes
     assert "| oracle |" in summary_markdown(result)
     case = make_case(renderer, surface.points.to(torch.float64), 0, (10.0, 10.0),
                      ViewSampler(detector_size_px=128), None)
