@@ -35,7 +35,8 @@ from .registration import REFINE, Matcher, OracleMatcher, Registration, Registra
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
-__all__ = ["evaluate", "write_report", "summary_markdown", "SUMMARY_KEYS", "AVAILABLE_METHODS", "ORACLE"]
+__all__ = ["evaluate", "write_report", "summary_markdown", "summarize_cases", "SUMMARY_KEYS", "AVAILABLE_METHODS",
+           "ORACLE"]
 
 #: the ground-truth correspondences (simulation only, :class:`~PPCRegistrationLib.registration.OracleMatcher`)
 #: through the learned operators' plain PPC solve, without the registration's limits on the update size: the
@@ -186,19 +187,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
             on_case(rec)
     bar.close()
 
-    initial = [r["initial_mtre_mm"] for r in records]
-    summary: dict[str, Any] = {"n_cases": n_cases, "initial": summarize(initial, initial), "methods": {}}
-    for m in methods:
-        rows = [r["methods"][m] for r in records]
-        one = summarize(initial, [r["mtre_one_update_mm"] for r in rows],
-                        mrpd_final=[r["mrpd_one_update_mm"] for r in rows],
-                        seconds=[r["seconds_one_update"] for r in rows], iterations=[1 for _ in rows])
-        fin = summarize(initial, [r["mtre_final_mm"] for r in rows], mrpd_final=[r["mrpd_final_mm"] for r in rows],
-                        seconds=[r["seconds"] for r in rows], iterations=[r["iterations"] for r in rows])
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        summary["methods"][m] = {"one_update": one, "final": fin, "status_counts": counts}
+    summary = summarize_cases(records, methods)
     return {
         "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
@@ -210,6 +199,25 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         "cases": records,
         "summary": summary,
     }
+
+
+def summarize_cases(records: Sequence[Mapping], methods: Sequence[str]) -> dict:
+    """The ``"summary"`` of an :func:`evaluate` result from its per-case records (e.g. of several runs on the same
+    cases joined): ``{"n_cases", "initial", "methods": {m: {"one_update", "final", "status_counts"}}}``."""
+    initial = [r["initial_mtre_mm"] for r in records]
+    summary: dict[str, Any] = {"n_cases": len(records), "initial": summarize(initial, initial), "methods": {}}
+    for m in methods:
+        rows = [r["methods"][m] for r in records]
+        one = summarize(initial, [r["mtre_one_update_mm"] for r in rows],
+                        mrpd_final=[r["mrpd_one_update_mm"] for r in rows],
+                        seconds=[r["seconds_one_update"] for r in rows], iterations=[1 for _ in rows])
+        fin = summarize(initial, [r["mtre_final_mm"] for r in rows], mrpd_final=[r["mrpd_final_mm"] for r in rows],
+                        seconds=[r["seconds"] for r in rows], iterations=[r["iterations"] for r in rows])
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        summary["methods"][m] = {"one_update": one, "final": fin, "status_counts": counts}
+    return summary
 
 
 def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method | Matcher, surface: SurfacePoints,
