@@ -35,7 +35,7 @@ HISTORY = {
             "3,250 (validation EPE 9.88 px; step 3,500 had 9.84 px, the same within noise, but 3,250 is the one the "
             "iterated evaluation used).",
     "ppc-flow": "fine-tuned from the shipped Flow v2 weights (step 3,250) through the PPC layer, with random mirroring "
-                "and magnification up to 1.4x, on `train,train2`, lr 5e-5; stopped at 750 steps, the shipped weights "
+                "and magnification up to 1.4x, on `train,train2`, lr 5e-5; stopped after 500 steps, the shipped weights "
                 "are step 250 (best validation mTRE, 15.50 mm; the Flow weights it started from: 15.54 mm). A run at "
                 "lr 2e-4 reached 15.49 mm at step 250 and then got worse (15.75 mm at 750); a trial with the mRPD as the "
                 "pose loss (`--pose-loss mrpd`, from an earlier Flow checkpoint) stayed at its starting 15.64 mm for "
@@ -43,7 +43,7 @@ HISTORY = {
                 "remaining error is along the beam, which the correspondences barely move.",
     "ppc-flow-attention": "the shipped Flow v2 network (step 3,250) plus a new PointNet, fine-tuned through the PPC "
                           "layer with random mirroring and magnification up to 1.4x on `train,train2`, lr 5e-5; "
-                          "stopped at 750 steps, the shipped weights are step 250 (best validation mTRE, 15.50 mm). "
+                          "stopped after 500 steps, the shipped weights are step 250 (best validation mTRE, 15.50 mm). "
                           "Its weights are still nearly uniform: it behaves like PPC Flow.",
 }
 
@@ -100,7 +100,7 @@ def main(paths: list[str]) -> None:
             f"{meta.get('batch_size')}; PPC layer with out-of-plane damping 1.0"
             + (f"; augmentation: random mirroring and magnification by up to {meta.get('zoom', 1.0):g}x"
                if meta.get("augment") else "") + ".",
-            f"* Iterations: the weights are those of step {meta.get('iterations')} (best validation), the run was "
+            f"* Iterations: the weights are those of step {meta.get('iterations')} (see the history), the run was "
             f"stopped at step {last}. Hardware: {meta.get('hardware')} (no GPU), {meta.get('device')}.",
             f"* Validation at that step: EPE {v.get('val_epe', float('nan')):.2f} network px, one-update mTRE mean "
             f"{v.get('val_mtre_before_mean', float('nan')):.2f} -> {v.get('val_mtre_mean', float('nan')):.2f} mm "
@@ -109,7 +109,7 @@ def main(paths: list[str]) -> None:
             "10.7 mm of it is depth, which one damped update of one view does not correct).",
             f"* History: {HISTORY[method]}",
             "* **Far from convergence**: the paper trained 200,000 GPU steps on ~18,000 samples of 38 patients; this is "
-            "a few thousand CPU steps on 4,800 samples of one patient (validation still improving when stopped, see "
+            "a few thousand CPU steps on 4,800 samples of one patient (validation curves: "
             f"`{method}.curves.png`).",
             "",
             "## Evaluation on the held-out lumbar CT (`../shared/data/lumbar_ct`, vertebra L3, never seen in training)",
