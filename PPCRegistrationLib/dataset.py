@@ -165,12 +165,11 @@ def zoom_samples(batch: Mapping[str, torch.Tensor], scale: torch.Tensor) -> dict
     h, w = batch["xray"].shape[-2:]
     c = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], dtype=torch.float64)
     b = s_.shape[0]
-    # output pixel p samples the input at c + (p - c) / s, in grid_sample's [-1, 1] coordinates
-    half = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], dtype=torch.float64)
+    # output pixel p samples the input at c + (p - c) / s; grid_sample's [-1, 1] coordinates of that are
+    # (p - c) / (s c), c being also the half-size of the window (align_corners=True)
     v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     pix = torch.stack([u, v], -1)[None]  # (1, H, W, 2)
-    src = c + (pix - c) / s_[:, None, None, None]
-    grid = (src - half) / half
+    grid = (pix - c) / (s_[:, None, None, None] * c)
     for name in ("xray", "drr"):
         img = batch[name]
         z = torch.nn.functional.grid_sample(img[:, None].to(torch.float64), grid, mode="bilinear",

@@ -30,18 +30,20 @@ def mrpd(T_est: torch.Tensor, T_gt: torch.Tensor, targets: torch.Tensor, proj: P
 
     Args:
         T_est, T_gt: ``(B, 4, 4)``.
-        targets: ``(M, 3)`` (mm).
+        targets: ``(M, 3)`` (mm), or ``(B, M, 3)``: each sample's own targets.
         proj: geometry with batch 1 or B.
     Returns:
-        ``(B,)`` mm.
+        ``(B,)`` mm; differentiable.
     """
     if T_est.ndim == 2:
         T_est, T_gt = T_est[None], T_gt[None]
     b = T_est.shape[0]
     proj = proj.expand(b)
     x = targets.to(T_est.dtype)
-    est = transform_points(T_est, x.expand(b, *x.shape))
-    gt = transform_points(T_gt, x.expand(b, *x.shape))
+    if x.ndim == 2:
+        x = x.expand(b, *x.shape)
+    est = transform_points(T_est, x)
+    gt = transform_points(T_gt, x)
     rays = proj.ray_directions(proj.project(est))
     v = gt - proj.source.to(gt.dtype)[:, None, :]
     dist = torch.linalg.norm(torch.linalg.cross(v, rays, dim=-1), dim=-1)

@@ -159,12 +159,16 @@ def warp(features: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(features, g, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _soft_argmax(f1: torch.Tensor, f2: torch.Tensor, max_disp: int, log_temperature: torch.Tensor,
-                 displacements: torch.Tensor) -> torch.Tensor:
-    """Expected displacement ``(B, 2, h, w)`` (feature pixels) under a softmax of the cosine cost volume."""
+def _cosine_cost(f1: torch.Tensor, f2: torch.Tensor, max_disp: int) -> torch.Tensor:
+    """Cost volume ``(B, D, h, w)`` of cosine similarities (channel order of :func:`correlation`)."""
     cos = correlation(F.normalize(f1, dim=1), F.normalize(f2, dim=1), max_disp)
-    cos = cos * f1.shape[1]  # correlation() averages over channels: back to cosine similarity
-    prob = torch.softmax(cos * log_temperature.exp(), 1)  # (B, D, h, w)
+    return cos * f1.shape[1]  # correlation() averages over channels: back to cosine similarity
+
+
+def _expected_displacement(cost: torch.Tensor, log_temperature: torch.Tensor,
+                           displacements: torch.Tensor) -> torch.Tensor:
+    """Soft-argmax: expected displacement ``(B, 2, h, w)`` (feature pixels) under a softmax of a cost volume."""
+    prob = torch.softmax(cost * log_temperature.exp(), 1)  # (B, D, h, w)
     return torch.einsum("bdhw,dc->bchw", prob, displacements.to(prob.dtype))
 
 
@@ -196,11 +200,9 @@ class FlowRefinement(nn.Module):
     def forward(self, f_drr: torch.Tensor, f_xray: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """Refined flow ``(B, 2, h, w)`` (pixels of this level) from features ``(B, C, h, w)`` and the flow of the
         coarser level resampled to this grid."""
-        fx = warp(f_xray, flow)
-        cos = correlation(F.normalize(f_drr, dim=1), F.normalize(fx, dim=1), self.max_disp) * f_drr.shape[1]
-        prob = torch.softmax(cos * self.log_temperature.exp(), 1)  # (B, D, h, w)
+        cos = _cosine_cost(f_drr, warp(f_xray, flow), self.max_disp)
         residual = self.head(self.decoder(torch.cat([cos, f_drr, flow], 1)))
-        residual = residual + torch.einsum("bdhw,dc->bchw", prob, self.displacements.to(prob.dtype))
+        residual = residual + _expected_displacement(cos, self.log_temperature, self.displacements)
         return flow + residual
 
 
@@ -319,7 +321,8 @@ class FlowNetC(nn.Module):
         corr = F.leaky_relu(correlation(f_drr, f_xray, self.max_disp), 0.1)
         coarse = self.head(self.decoder(torch.cat([corr, f_drr], 1)))
         if self.soft_argmax:
-            coarse = coarse + _soft_argmax(f_drr, f_xray, self.max_disp, self.log_temperature, self.displacements)
+            coarse = coarse + _expected_displacement(_cosine_cost(f_drr, f_xray, self.max_disp), self.log_temperature,
+                                                     self.displacements)
         level, level_stride = coarse, s
         for r, refinement in zip(self.refine_strides, self.refinements):
             fd, fx = feats[r].chunk(2, 0)

@@ -15,7 +15,8 @@ weakly observable beam direction (measured on the lumbar CT, DESIGN.md §4 cases
 * the gradient images are high-pass filtered (``highpass_px``), so the smooth gradient of scatter does not
   correlate (scatter of 15 % biased the depth by up to 2.9 mm, at most 0.4 mm with the filter).
 
-The result of each scale is accepted only when it raises the GC at that scale; otherwise the pose is kept.  Pure torch, CPU or CUDA (where the renderer lives).
+The result of each scale is accepted only when it raises the GC at that scale; otherwise the pose is kept.
+Pure torch, CPU or CUDA (where the renderer lives).
 """
 
 from __future__ import annotations

