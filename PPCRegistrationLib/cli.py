@@ -755,9 +755,9 @@ def _cmd_train(args) -> int:
     given = {k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "weight_decay", "lambda_epe",
                                            "out_of_plane", "val_every", "val_samples", "checkpoint_every", "seed")
              if getattr(args, k) is not None}
-    flow = _train_flow_hparams(init, args.refine_strides)
+    flow = _train_flow_hparams(init, args.refine_strides, args.stride)
     cfg = TrainConfig(method=args.method, init=init, device=args.device, augment=args.augment or args.zoom > 1,
-                      zoom=args.zoom, pose_loss=args.pose_loss, flow=flow, **given)
+                      zoom=args.zoom, pose_loss=args.pose_loss, evidence=not args.no_evidence, flow=flow, **given)
     res = train(cfg, data, Path(args.out).expanduser(), train_split=args.train_split, val_split=args.val_split,
                 resume=not args.no_resume, progress=not args.quiet, log=_say)
     if res.get("rank", 0) != 0:
@@ -775,20 +775,23 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
-def _train_flow_hparams(init: str | None, refine_strides: str | None) -> dict:
+def _train_flow_hparams(init: str | None, refine_strides: str | None, stride: int | None = None) -> dict:
     """The FlowNetC architecture to train: the --init model's (fine-tuning keeps it) or the CPU default, with
-    --refine-strides (``4``, ``4,2`` or ``none``) replacing its refinement levels."""
+    --stride (the correlation level's: 4, 8 or 16) and --refine-strides (``8,4``, ``4``, ``4,2`` or ``none``)
+    replacing its own."""
     from .networks import CPU_FLOW_HPARAMS, operator_from_file
 
     flow = dict(CPU_FLOW_HPARAMS)
     if init:
         flow = dict(operator_from_file(init)[0].hparams["flow"])
+    if stride is not None:
+        flow["stride"] = int(stride)
     if refine_strides is not None:
         text = refine_strides.strip().lower()
         try:
             strides = [] if text in ("", "none") else [int(x) for x in text.split(",")]
         except ValueError:
-            raise InputError(f"--refine-strides must be comma-separated strides (4, 2) or 'none', got "
+            raise InputError(f"--refine-strides must be comma-separated strides (8, 4, 2) or 'none', got "
                              f"{refine_strides!r}") from None
         flow.pop("refine_strides", None)
         if strides:
@@ -856,6 +859,10 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--pose-loss", choices=("mtre", "mrpd"), default="mtre",
                    help="pose error of the PPC losses after the PPC layer: mtre (the paper's, default) or mrpd (the mean "
                         "re-projection distance: what one view observes; depth errors do not dilute it)")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="ppc-flow-attention: the attention sees only the paper's geometric point features, not the local "
+                        "matching evidence of each correspondence (gradient agreement, patch correlation, consistency "
+                        "with the other points' motion)")
     p.add_argument("--out-of-plane", type=_nonneg_float("--out-of-plane"),
                    help="damping of the weakly observable directions (depth, rotations about the detector axes) "
                         "in the PPC layer, as the registration's plain solver uses it (default 1; 0 = none)")
@@ -865,9 +872,13 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"), help="steps (default 250)")
     p.add_argument("--init", metavar="MODEL.pt", help="start from this operator file (the parameters both have, "
                                                       "e.g. the flow network of a trained flow model)")
+    p.add_argument("--stride", type=int, choices=(4, 8, 16),
+                   help="stride of the flow network's correlation level (its reach is 4 x stride pixels; default: the "
+                        "--init model's, else 8)")
     p.add_argument("--refine-strides", metavar="S1,S2",
-                   help="finer flow levels after the correlation level (PWC-style warping and a local cost volume): "
-                        "4, 4,2 or none (default: the --init model's architecture, else none)")
+                   help="finer flow levels after the correlation level (PWC-style warping and a local cost volume), "
+                        "coarse to fine, each finer than --stride: e.g. 8,4 (with --stride 16), 4, 4,2 or none "
+                        "(default: the --init model's architecture, else none)")
     p.add_argument("--augment", action="store_true",
                    help="mirror training samples left-right / up-down at random (exact: the geometry is mirrored too)")
     p.add_argument("--zoom", type=_nonneg_float("--zoom"), default=1.0, metavar="MAX",

@@ -29,7 +29,7 @@ __all__ = [
     "FlowNetC", "PointNetAttention", "LearnedMatcher", "correlation", "correlation_displacements",
     "sample_flow", "point_features", "POINT_FEATURES", "robust_normalise", "save_model", "load_model",
     "state_dict_sha256", "MODEL_FORMAT", "MODEL_VERSION", "LearnedOperator", "LEARNED_METHODS", "network_inputs",
-    "CPU_FLOW_HPARAMS", "operator_from_file", "FlowRefinement", "warp",
+    "CPU_FLOW_HPARAMS", "operator_from_file", "FlowRefinement", "warp", "match_evidence", "EVIDENCE_FEATURES",
 ]
 
 #: the three learned models of DESIGN.md §3 (one code path, :class:`LearnedOperator`).
@@ -43,6 +43,8 @@ MODEL_FORMAT = "PPCRegistrationLib.model"
 MODEL_VERSION = 1
 #: number of channels produced by :func:`point_features` (without extra match features).
 POINT_FEATURES = 14
+#: number of channels produced by :func:`match_evidence` (the attention's local matching evidence).
+EVIDENCE_FEATURES = 5
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -121,10 +123,16 @@ def sample_flow(flow: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
         raise InputError(f"flow must be (B, 2, H, W), got {tuple(flow.shape)}")
     if uv.ndim != 3 or uv.shape[-1] != 2 or uv.shape[0] != flow.shape[0]:
         raise InputError(f"uv must be (B, N, 2) with B = {flow.shape[0]}, got {tuple(uv.shape)}")
-    b, _, h, w = flow.shape
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=flow.dtype, device=flow.device)
-    g = uv.to(flow.dtype)[:, None] * scale - 1  # (B, 1, N, 2)
-    out = F.grid_sample(flow, g, mode="bilinear", padding_mode="border", align_corners=True)  # (B, 2, 1, N)
+    return _bilinear(flow, uv, "border")
+
+
+def _bilinear(image: torch.Tensor, uv: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Bilinear samples ``(B, N, C)`` of ``image (B, C, H, W)`` at pixel positions ``uv (B, N, 2)`` (u = column,
+    v = row, pixel centres at integers); outside the image: ``padding`` (``"zeros"`` or ``"border"``)."""
+    b, _, h, w = image.shape
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=image.dtype, device=image.device)
+    g = uv.to(image.dtype)[:, None] * scale - 1  # (B, 1, N, 2)
+    out = F.grid_sample(image, g, mode="bilinear", padding_mode=padding, align_corners=True)  # (B, C, 1, N)
     return out[:, :, 0].transpose(1, 2)
 
 
@@ -217,7 +225,8 @@ class FlowNetC(nn.Module):
     """A small FlowNetC: shared encoder, correlation over ±``max_disp`` coarse pixels, convolutional decoder.
 
     Args:
-        stride: 4 or 8, the encoder's downsampling (each stage halves the resolution).
+        stride: 4, 8 or 16, the encoder's downsampling at the correlation level (each stage halves the
+            resolution); 16 reaches four times as far as 4 with the same ``max_disp`` and sees more context.
         max_disp: correlation range d in coarse pixels (the full-resolution range is ``d * stride``).
         channels: feature channels of the encoder's last stage.
         decoder_channels: widths of the decoder's hidden convolutions.
@@ -227,7 +236,7 @@ class FlowNetC(nn.Module):
             (PWC-Net, RAFT) do: the flow is then meaningful from the first iteration and the decoder learns a
             residual, which trains far faster on a CPU budget.
         refine_strides: finer pyramid levels that refine the flow after the correlation level, coarse to fine,
-            each a stride of the encoder smaller than ``stride`` (4 and/or 2): at each, the X-ray features are warped
+            each a stride of the encoder smaller than ``stride`` (8, 4 and/or 2): at each, the X-ray features are warped
             by the current flow and a local cost volume of ``+-refine_disp`` pixels corrects it
             (:class:`FlowRefinement`). Empty (the default): the flow is the correlation level's, upsampled.
         refine_disp: search range of the refinement levels (pixels of each level).
@@ -240,16 +249,16 @@ class FlowNetC(nn.Module):
                  soft_argmax: bool = False, refine_strides: tuple[int, ...] | list[int] = (),
                  refine_disp: int = 3) -> None:
         super().__init__()
-        if stride not in (4, 8):
-            raise InputError(f"FlowNetC stride must be 4 or 8, got {stride}")
+        if stride not in (4, 8, 16):
+            raise InputError(f"FlowNetC stride must be 4, 8 or 16, got {stride}")
         if max_disp < 1:
             raise InputError("FlowNetC max_disp must be >= 1")
         self.hparams = {"stride": int(stride), "max_disp": int(max_disp), "channels": int(channels),
                         "decoder_channels": [int(c) for c in decoder_channels],
                         "first_channels": int(first_channels), "soft_argmax": bool(soft_argmax)}
         refine = [int(r) for r in refine_strides]
-        if any(r not in (2, 4) or r >= stride for r in refine) or refine != sorted(set(refine), reverse=True):
-            raise InputError(f"FlowNetC refine_strides must be distinct strides from (4, 2), coarse to fine, each "
+        if any(r not in (2, 4, 8) or r >= stride for r in refine) or refine != sorted(set(refine), reverse=True):
+            raise InputError(f"FlowNetC refine_strides must be distinct strides from (8, 4, 2), coarse to fine, each "
                              f"finer than stride {stride}; got {list(refine_strides)}")
         if refine:
             if refine_disp < 1:
@@ -265,7 +274,7 @@ class FlowNetC(nn.Module):
         c = int(channels)
         c0 = int(first_channels)
         layers = [_conv(2, c0, 2), _conv(c0, c0), _conv(c0, c, 2), _conv(c, c)]
-        if stride == 8:
+        for _ in range({4: 0, 8: 1, 16: 2}[stride]):
             layers += [_conv(c, c, 2), _conv(c, c)]
         self.encoder = nn.Sequential(*layers)
         cin = (2 * self.max_disp + 1) ** 2 + c
@@ -277,8 +286,8 @@ class FlowNetC(nn.Module):
         self.head = nn.Conv2d(cin, 2, 3, padding=1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=1e-3)
-        # encoder layer after which each stride's features are ready: stride 2 -> layer 1, 4 -> 3, 8 -> 5
-        self._tap = {2: 1, 4: 3, 8: 5}
+        # encoder layer after which each stride's features are ready: stride 2 -> layer 1, 4 -> 3, 8 -> 5, 16 -> 7
+        self._tap = {2: 1, 4: 3, 8: 5, 16: 7}
         self.refinements = nn.ModuleList(FlowRefinement(c0 if r == 2 else c, int(refine_disp)) for r in refine)
 
     def _encode(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -380,6 +389,63 @@ def point_features(uv: torch.Tensor, uv_matched: torch.Tensor, points_3d: torch.
     return torch.cat([rel2, disp, rel3, g, ray, cos], -1) * m[..., None]
 
 
+def match_evidence(drr_grad: torch.Tensor, xray_grad: torch.Tensor, uv: torch.Tensor, uv_matched: torch.Tensor,
+                   mask: torch.Tensor | None = None, patch_radius: int = 2) -> torch.Tensor:
+    """Local matching evidence of each correspondence p_i -> p'_i (``EVIDENCE_FEATURES`` = 5 channels), for the
+    attention: how well the images support it and how well it agrees with the other points' motion.
+
+    Channels: cosine of the angle between the DRR gradient at p_i and the X-ray gradient at p'_i (signed: both
+    images are attenuation-positive, so a bone edge keeps its polarity); log of the two gradient magnitudes
+    (2; gradients divided by their image's robust scale, :func:`robust_normalise`); normalised cross-correlation of
+    the two-channel gradient patches of ``2 * patch_radius + 1`` pixels around p_i and p'_i; and the distance of
+    p'_i from the best 2D affine motion of all (masked) points' displacements, in pixels / 10 (large for a match
+    that disagrees with the rest). Computed without gradients (evidence, not a path for training the flow).
+
+    Args:
+        drr_grad, xray_grad: ``(B, 2, H, W)`` gradient images (any scale), on the pixel grid of ``uv``.
+        uv: ``(B, N, 2)`` points p_i in the DRR; uv_matched: ``(B, N, 2)`` matches p'_i in the X-ray (pixels).
+        mask: ``(B, N)`` bool, valid points (the affine fit uses only these); default all.
+        patch_radius: half-size of the correlation patches (pixels).
+    Returns:
+        ``(B, N, 5)`` in ``drr_grad``'s dtype; zero where masked.
+    """
+    with torch.no_grad():
+        dt = drr_grad.dtype
+        b, n, _ = uv.shape
+        m = torch.ones(b, n, dtype=torch.bool, device=uv.device) if mask is None else mask.to(uv.device, torch.bool)
+        mf = m.to(dt)
+        d = robust_normalise(drr_grad)
+        x = robust_normalise(xray_grad)
+        uv, uv_matched = uv.to(dt), uv_matched.to(dt)
+        r = torch.arange(-int(patch_radius), int(patch_radius) + 1, dtype=dt, device=uv.device)
+        dv_, du_ = torch.meshgrid(r, r, indexing="ij")
+        off = torch.stack([du_.reshape(-1), dv_.reshape(-1)], -1)  # (P, 2)
+        k = off.shape[0]
+        pd = _bilinear(d, (uv[:, :, None] + off).reshape(b, n * k, 2)).reshape(b, n, k, 2)
+        px = _bilinear(x, (uv_matched[:, :, None] + off).reshape(b, n * k, 2)).reshape(b, n, k, 2)
+        gd, gx = pd[:, :, k // 2], px[:, :, k // 2]  # (B, N, 2) at the points themselves
+        nd, nx = torch.linalg.norm(gd, dim=-1), torch.linalg.norm(gx, dim=-1)
+        cos = (gd * gx).sum(-1) / (nd * nx).clamp_min(1e-6)
+        a = pd.reshape(b, n, -1)
+        c = px.reshape(b, n, -1)
+        a = a - a.mean(-1, keepdim=True)
+        c = c - c.mean(-1, keepdim=True)
+        ncc = (a * c).sum(-1) / (torch.linalg.norm(a, dim=-1) * torch.linalg.norm(c, dim=-1)).clamp_min(1e-6)
+        # the best affine map of the displacements over the valid points (centred, scaled coordinates)
+        cnt = mf.sum(1, keepdim=True).clamp_min(1.0)
+        centre = (uv * mf[..., None]).sum(1, keepdim=True) / cnt[..., None]
+        rel = uv - centre
+        rad = torch.sqrt(((rel * rel).sum(-1) * mf).sum(1, keepdim=True) / cnt).clamp_min(1e-6)
+        design = torch.cat([rel / rad[..., None], torch.ones_like(rel[..., :1])], -1)  # (B, N, 3)
+        dw = design * mf[..., None]
+        normal = dw.transpose(1, 2) @ design + 1e-3 * torch.eye(3, dtype=dt, device=uv.device)
+        disp = uv_matched - uv
+        coef = torch.linalg.solve(normal, dw.transpose(1, 2) @ disp)  # (B, 3, 2)
+        resid = torch.linalg.norm(disp - design @ coef, dim=-1) / 10.0
+        feats = torch.stack([cos, torch.log(nd + 0.05), torch.log(nx + 0.05), ncc, resid], -1)
+        return feats * mf[..., None]
+
+
 class PointNetAttention(nn.Module):
     """Per-point weights in (0, 1) from per-point features with a PointNet (shared MLP + global pooling).
 
@@ -428,10 +494,11 @@ class PointNetAttention(nn.Module):
 
     def weigh(self, uv: torch.Tensor, uv_matched: torch.Tensor, points_3d: torch.Tensor, gradients_3d: torch.Tensor,
               source: torch.Tensor, centre: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Weights of correspondences: :func:`point_features` (computed in float64 on this network's device)
-        then :meth:`forward`. Arguments as :func:`point_features`; returns ``(B, N)`` on this network's device
-        and dtype."""
+              mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights of correspondences: :func:`point_features` (computed in float64 on this network's device),
+        followed by the ``extra`` per-point features ``(B, N, E)`` when given (e.g. :func:`match_evidence`), then
+        :meth:`forward`. Arguments as :func:`point_features`; returns ``(B, N)`` on this network's device and
+        dtype."""
         a = next(self.parameters())
 
         def f64(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -440,6 +507,8 @@ class PointNetAttention(nn.Module):
         m = None if mask is None else mask.to(a.device)
         feats = point_features(f64(uv), f64(uv_matched), f64(points_3d), f64(gradients_3d), f64(source), f64(centre),
                                m)
+        if extra is not None:
+            feats = torch.cat([feats, f64(extra)], -1)
         return self(feats.to(a.dtype), m)
 
 
@@ -494,12 +563,17 @@ class LearnedOperator(nn.Module):
         sigma_px: gradient smoothing (network pixels), see :func:`network_inputs`.
         flow: :class:`FlowNetC` hyper-parameters (default :data:`CPU_FLOW_HPARAMS`).
         attention: :class:`PointNetAttention` hyper-parameters (used by ``ppc-flow-attention`` only).
+        evidence: the attention also sees the local matching evidence of each correspondence
+            (:func:`match_evidence`: gradient agreement, patch correlation, consistency with the other points'
+            motion), not only the geometry of :func:`point_features` (``ppc-flow-attention`` only; model files
+            written before it existed have none).
     Attributes:
         hparams: the constructor arguments (stored in model files).
     """
 
     def __init__(self, method: str = "ppc-flow-attention", network_pixel_mm: float = 380.0 / 256,
-                 sigma_px: float = 1.0, flow: dict | None = None, attention: dict | None = None) -> None:
+                 sigma_px: float = 1.0, flow: dict | None = None, attention: dict | None = None,
+                 evidence: bool = False) -> None:
         super().__init__()
         if method not in LEARNED_METHODS:
             raise InputError(f"unknown learned method {method!r}: use one of {', '.join(LEARNED_METHODS)}")
@@ -512,10 +586,19 @@ class LearnedOperator(nn.Module):
         self.network_pixel_mm = float(network_pixel_mm)
         self.sigma_px = float(sigma_px)
         self.flow_net = FlowNetC(**flow)
-        self.attention = PointNetAttention(**(attention or {})) if method == "ppc-flow-attention" else None
+        self.evidence = bool(evidence) and method == "ppc-flow-attention"
+        att = dict(attention or {})
+        if self.evidence:
+            att.setdefault("in_features", POINT_FEATURES + EVIDENCE_FEATURES)
+            if int(att["in_features"]) != POINT_FEATURES + EVIDENCE_FEATURES:
+                raise InputError(f"attention with matching evidence needs in_features = "
+                                 f"{POINT_FEATURES + EVIDENCE_FEATURES}, got {att['in_features']}")
+        self.attention = PointNetAttention(**att) if method == "ppc-flow-attention" else None
         self.hparams = {"method": method, "network_pixel_mm": self.network_pixel_mm, "sigma_px": self.sigma_px,
                         "flow": dict(self.flow_net.hparams),
                         "attention": None if self.attention is None else dict(self.attention.hparams)}
+        if self.evidence:  # absent (False) in the files of models without it
+            self.hparams["evidence"] = True
 
     def factor_for(self, pixel_spacing_mm: float | None) -> float:
         """Reduction factor for images of ``pixel_spacing_mm`` detector pixels (1 when unknown or coarser)."""
@@ -557,8 +640,9 @@ class LearnedOperator(nn.Module):
             if points_3d is None or gradients_3d is None or source is None:
                 raise InputError("ppc-flow-attention needs the contour points, their gradients and the source "
                                  "(points_3d, gradients_3d, source)")
+            extra = match_evidence(dg, xg, uv_n, uv_n + dp_n, m) if self.evidence else None
             weights = self.attention.weigh(uv_n, uv_n + dp_n, points_3d, gradients_3d, source, centre,
-                                           m).to(p.device, p.dtype)
+                                           m, extra).to(p.device, p.dtype)
         return {"uv_matched": uv.to(p.device, p.dtype) + dp, "flow": dp, "weights": weights}
 
 

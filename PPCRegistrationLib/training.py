@@ -71,6 +71,8 @@ class TrainConfig:
         flip_samples`; exact, the geometry is mirrored too): four times the views of a small data set.
     zoom: with ``augment``, also magnify each sample by a factor uniform in [1, zoom] (:func:`~PPCRegistrationLib.
         dataset.zoom_samples`; exact): anatomy of other sizes (1 = off).
+    evidence: ``ppc-flow-attention``'s attention also sees the local matching evidence of each correspondence
+        (:func:`~PPCRegistrationLib.networks.match_evidence`), not only the paper's geometric point features.
     init: operator file to start from (fine-tuning, e.g. ``ppc-flow`` from a ``flow`` model): the parameters
         that exist in both are copied.
     flow: FlowNetC hyper-parameters.
@@ -93,6 +95,7 @@ class TrainConfig:
     augment: bool = False
     zoom: float = 1.0
     pose_loss: str = "mtre"
+    evidence: bool = True
     init: str | None = None
     flow: dict = field(default_factory=lambda: dict(CPU_FLOW_HPARAMS))
     seed: int = 0
@@ -222,13 +225,34 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _init_from(op: LearnedOperator, path: str, device: torch.device) -> list[str]:
-    """Copy the parameters ``op`` shares (same name and shape) with the operator file ``path``."""
+    """Copy the parameters ``op`` shares (same name and shape) with the operator file ``path``.
+
+    Refinement levels of the flow network are matched by their stride, not by their position, so that a network
+    with a coarser correlation level (e.g. stride 16 with refinement levels 8, 4) starts its stride-4 level from the
+    stride-4 level of the file (e.g. a stride-8 network with one refinement level at stride 4).
+    """
     src, _ = operator_from_file(path, device)
-    theirs = src.state_dict()
+    theirs = _refinements_by_stride(src.state_dict(), src.flow_net.refine_strides, op.flow_net.refine_strides)
     mine = op.state_dict()
     copied = [k for k in mine if k in theirs and theirs[k].shape == mine[k].shape]
     op.load_state_dict({**mine, **{k: theirs[k] for k in copied}})
     return copied
+
+
+def _refinement_prefix(i: int) -> str:
+    return f"flow_net.refinements.{i}."
+
+
+def _refinements_by_stride(state: dict[str, torch.Tensor], strides: list[int],
+                           target_strides: list[int]) -> dict[str, torch.Tensor]:
+    """``state`` with the parameters of its flow refinement level of stride ``strides[i]`` renamed to the index that
+    stride has in ``target_strides`` (levels of strides the target does not have are left out)."""
+    out = {k: v for k, v in state.items() if not k.startswith("flow_net.refinements.")}
+    for i, stride in enumerate(strides):
+        if stride in target_strides:
+            src, dst = _refinement_prefix(i), _refinement_prefix(list(target_strides).index(stride))
+            out.update({dst + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
+    return out
 
 
 # ----------------------------------------------------------------------------- distributed training (torchrun)
@@ -463,7 +487,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     val_data = ShardDataset(data_root, val_split, limit=cfg.val_samples)
     h, w = train_data.image_size
     pixel_mm = float(train_data.entry["config"]["detector_width_mm"]) / int(train_data.entry["config"]["detector_px"])
-    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow).to(device)
+    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow, evidence=cfg.evidence).to(device)
     opt = torch.optim.Adam(op.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     best: dict | None = None
@@ -510,7 +534,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     meta_common = {"method": cfg.method, "data": str(data_root), "train_samples": n,
                    "train_vertebrae": train_data.vertebrae, "val_vertebrae": val_data.vertebrae,
                    "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                   "lambda_epe": cfg.lambda_epe, "pose_loss": cfg.pose_loss, "augment": cfg.augment,
+                   "lambda_epe": cfg.lambda_epe, "pose_loss": cfg.pose_loss, "evidence": op.evidence,
+                   "augment": cfg.augment,
                    "zoom": cfg.zoom, "train_split": train_split, "device": str(device), "world_size": world,
                    "hardware": f"{platform.processor() or platform.machine()} x{os.cpu_count()} "
                                f"torch {torch.__version__} threads {torch.get_num_threads()}"

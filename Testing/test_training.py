@@ -159,6 +159,30 @@ def test_init_copies_the_flow_network(root, tmp_path):
         assert torch.equal(v, attention_before[k]), k
 
 
+def test_init_matches_refinement_levels_by_stride(tmp_path):
+    """A stride-16 network with refinement levels at 8 and 4, started from a stride-8 model with one refinement level
+    at 4: the shared encoder stages and the stride-4 level are copied (the latter from position 0 to position 1), the
+    new stride-8 level and the new stride-16 stage keep their own initialisation."""
+    small = {"max_disp": 2, "channels": 16, "decoder_channels": [16], "first_channels": 8, "soft_argmax": True}
+    torch.manual_seed(1)
+    src = LearnedOperator("flow", network_pixel_mm=PIXEL_MM, flow={**small, "stride": 8, "refine_strides": [4]})
+    save_model(tmp_path / "s8.pt", src, {})
+    torch.manual_seed(2)
+    dst = LearnedOperator("flow", network_pixel_mm=PIXEL_MM, flow={**small, "stride": 16, "refine_strides": [8, 4]})
+    fresh = {k: v.clone() for k, v in dst.state_dict().items()}
+    copied = set(_init_from(dst, str(tmp_path / "s8.pt"), torch.device("cpu")))
+    theirs, mine = src.flow_net.state_dict(), dst.flow_net.state_dict()
+    for k, v in src.flow_net.refinements[0].state_dict().items():
+        assert torch.equal(dst.flow_net.refinements[1].state_dict()[k], v), k
+        assert f"flow_net.refinements.1.{k}" in copied
+    for k in dst.flow_net.refinements[0].state_dict():
+        assert torch.equal(mine[f"refinements.0.{k}"], fresh[f"flow_net.refinements.0.{k}"]), k
+    for layer in range(6):  # encoder stages up to stride 8 are shared
+        assert torch.equal(mine[f"encoder.{layer}.0.weight"], theirs[f"encoder.{layer}.0.weight"])
+    for layer in (6, 7):
+        assert torch.equal(mine[f"encoder.{layer}.0.weight"], fresh[f"flow_net.encoder.{layer}.0.weight"])
+
+
 # ----------------------------------------------------------------------------- ppcreg train
 
 
@@ -359,6 +383,35 @@ def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_pat
         code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f3", "--refine-strides", bad,
                              *common)
         assert code == 2 and fragment in err and "Traceback" not in err, (bad, err)
+    # a coarser correlation level from the same model: --stride 16 with levels at 8 and 4
+    code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f16", "--init",
+                         tmp_path / "flow" / "model.pt", "--stride", "16", "--refine-strides", "8,4", *common)
+    assert code == 0, err
+    hp = operator_from_file(tmp_path / "f16" / "model.pt", method="flow")[0].flow_net.hparams
+    assert hp["stride"] == 16 and hp["refine_strides"] == [8, 4]
+    # the attention sees the matching evidence unless --no-evidence
+    for extra, evidence in (([], True), (["--no-evidence"], False)):
+        code, out, err = run(capsys, "train", "--method", "ppc-flow-attention", "--out", tmp_path / f"pfa{evidence}",
+                             "--init", tmp_path / "f16" / "model.pt", *extra, *common)
+        assert code == 0, err
+        op, meta = operator_from_file(tmp_path / f"pfa{evidence}" / "model.pt", method="ppc-flow-attention")
+        assert op.evidence is evidence and meta["evidence"] is evidence
+
+
+def test_match_evidence_prefers_the_true_correspondences_on_real_data(root):
+    """On the real chest CT's samples, the ground-truth matches have more image support (patch correlation, gradient
+    agreement) than the uncorrected positions (zero flow), where the displacement is a few pixels or more."""
+    from PPCRegistrationLib.networks import match_evidence, network_inputs
+
+    data = ShardDataset(root, "train")
+    batch = _collate([data[j] for j in range(len(data))])
+    dg, xg = network_inputs(batch["drr"], batch["xray"])
+    m = batch["mask"] & (batch["flow_gt"].norm(dim=-1) > 3)
+    assert int(m.sum()) > 20
+    true = match_evidence(dg, xg, batch["uv"], batch["uv"] + batch["flow_gt"], batch["mask"])
+    none = match_evidence(dg, xg, batch["uv"], batch["uv"], batch["mask"])
+    for channel in (0, 3):  # gradient cosine, patch NCC
+        assert true[..., channel][m].mean() > none[..., channel][m].mean() + 0.1, channel
 
 
 def test_pose_losses_through_the_ppc_layer(root):
