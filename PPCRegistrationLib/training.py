@@ -28,7 +28,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -487,12 +487,19 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
     val_data = ShardDataset(data_root, val_split, limit=cfg.val_samples)
     h, w = train_data.image_size
     pixel_mm = float(train_data.entry["config"]["detector_width_mm"]) / int(train_data.entry["config"]["detector_px"])
-    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow, evidence=cfg.evidence).to(device)
-    opt = torch.optim.Adam(op.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     best: dict | None = None
     ckpt_path = out / "checkpoint.pt"
     ck = _on_main(dinfo, lambda: _load_checkpoint(ckpt_path, cfg.method)) if resume else None
+    if ck is not None:
+        # a resumed run keeps the architecture of its checkpoint, whatever the defaults or --init of this call say
+        arch = {k: ck["config"][k] for k in ("flow", "evidence") if k in ck["config"]}
+        arch.setdefault("evidence", False)  # checkpoints written before the matching evidence existed
+        if arch != {"flow": cfg.flow, "evidence": cfg.evidence}:
+            log(f"resuming keeps the checkpoint's architecture: {arch}")
+        cfg = replace(cfg, **arch)
+    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow, evidence=cfg.evidence).to(device)
+    opt = torch.optim.Adam(op.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator()
     if ck is not None:
         op.load_state_dict(ck["model"])

@@ -389,6 +389,12 @@ def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_pat
     assert code == 0, err
     hp = operator_from_file(tmp_path / "f16" / "model.pt", method="flow")[0].flow_net.hparams
     assert hp["stride"] == 16 and hp["refine_strides"] == [8, 4]
+    # resuming needs no architecture options: the checkpoint's is kept
+    code, out, err = run(capsys, "train", "--method", "flow", "--out", tmp_path / "f16", *common[:-4], "--iterations",
+                         "4", "--lr", "1e-3")
+    assert code == 0, err
+    assert "resumed from" in out and "keeps the checkpoint's architecture" in out
+    assert operator_from_file(tmp_path / "f16" / "model_last.pt", method="flow")[1]["iterations"] == 4
     # the attention sees the matching evidence unless --no-evidence
     for extra, evidence in (([], True), (["--no-evidence"], False)):
         code, out, err = run(capsys, "train", "--method", "ppc-flow-attention", "--out", tmp_path / f"pfa{evidence}",
