@@ -691,6 +691,10 @@ def _cmd_make_dataset(args) -> int:
         ct_path = _check_file(args.ct, "CT volume")
         labels_path = _check_file(args.labels, "label map")
         source = {"ct": ct_path, "labels": labels_path}
+    if args.resample_mm is not None:
+        if not args.resample_mm > 0:
+            raise InputError(f"--resample-mm must be a positive voxel size (mm), got {args.resample_mm}")
+        source["resample_mm"] = float(args.resample_mm)
     if args.crop_px > args.detector_px:
         raise InputError(f"--crop-px ({args.crop_px}) cannot be larger than --detector-px ({args.detector_px})")
     k_part, m_part = args.part
@@ -724,6 +728,8 @@ def _cmd_make_dataset(args) -> int:
              + (f", part {k_part} of {m_part} ({len(mine)} of {n_shards} shards)" if m_part > 1 else "")
              + (f"; resuming, {before} of {len(mine)} shards already on disk" if before else ""))
     ct = io.read_volume(ct_path)
+    if args.resample_mm is not None:
+        ct = io.resample_isotropic(ct, args.resample_mm)
     labels = io.read_label_map(labels_path, reference=ct)
     rois = {n: roi_mod.roi_from_vertebra(labels, n) for n in names}
     t0 = time.perf_counter()
@@ -831,6 +837,9 @@ def _add_training_parsers(sub) -> None:
                    help="make only the shards i with i mod M = K, so that M processes can generate one split side by "
                         "side (default 0 1: all)")
     p.add_argument("--no-variation", action="store_true", help="X-rays without noise/contrast variation")
+    p.add_argument("--resample-mm", type=float, metavar="S",
+                   help="first resample the CT to isotropic voxels of S mm (Gaussian anti-aliasing, as a coarser "
+                        "reconstruction; the label map follows): samples of a lower-resolution CT")
     p.add_argument("--threads", type=_positive_int("--threads"), default=argparse.SUPPRESS, help=threads_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_make_dataset)

