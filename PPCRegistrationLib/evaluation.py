@@ -28,7 +28,7 @@ import torch
 from .drr import DRRRenderer
 from .errors import InputError
 from .features import SurfacePoints, extract_surface_points
-from .metrics import mrpd, mtre, summarize
+from .metrics import mrpd, mtre, paired_comparison, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
     models_from_mapping, normalize_method, resolve_method
 from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig
@@ -217,6 +217,15 @@ def summarize_cases(records: Sequence[Mapping], methods: Sequence[str]) -> dict:
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         summary["methods"][m] = {"one_update": one, "final": fin, "status_counts": counts}
+    # every method against each one listed before it, on the same cases
+    paired = []
+    for i, a in enumerate(methods):
+        for b in methods[:i]:
+            ra, rb = [r["methods"][a] for r in records], [r["methods"][b] for r in records]
+            c = paired_comparison([r["mtre_one_update_mm"] for r in ra], [r["mtre_one_update_mm"] for r in rb],
+                                  [r["mtre_final_mm"] for r in ra], [r["mtre_final_mm"] for r in rb])
+            paired.append({"a": a, "b": b, **c})
+    summary["paired"] = paired
     return summary
 
 
@@ -293,7 +302,17 @@ def summary_markdown(result: Mapping) -> str:
                      f"{_pm(o['reduction_factor_mean'], o.get('reduction_factor_sd', math.nan))} | "
                      f"{_fmt(o['mrpd_mean'])} |")
     rf_note = ("Reduction factor of a case = 1 − mTRE_after / mTRE_before when the error decreased, 0 when it grew.")
-    if cfg.get("one_update_only", cfg["iterations"] == 1):
+    one_only = cfg.get("one_update_only", cfg["iterations"] == 1)
+    paired = summ.get("paired") or []
+    if paired:
+        lines += ["", "Paired on the same cases, after one update: mean of mTRE(A) − mTRE(B) with its 95 % confidence "
+                  "interval (negative: A better), and the cases where A is lower.", "",
+                  "| A | B | mean difference [mm] | 95 % CI | A lower |", "|---|---|---|---|---|"]
+        for c in paired:
+            lo, hi = c["one_update_diff_ci95"]
+            lines.append(f"| {c['a']} | {c['b']} | {_fmt(c['one_update_diff_mean'])} | [{_fmt(lo)}, {_fmt(hi)}] | "
+                         f"{c['one_update_a_lower']} of {c['n']} |")
+    if one_only:
         lines += ["", rf_note, "One update only (iterations = 1): no iterated registration.", ""]
         return "\n".join(lines)
     chained = [m for m in summ["methods"] if "+" in m]
@@ -314,6 +333,13 @@ def summary_markdown(result: Mapping) -> str:
                      f"{_fmt(100 * f['success_2mm'], 0)} % | {_fmt(100 * f['success_5mm'], 0)} % | "
                      f"{_fmt(f['mrpd_mean'])} | {_fmt(f.get('iterations_mean', math.nan), 1)} | "
                      f"{_fmt(f['seconds_per_case'], 3)} | {status} |")
+    if paired:
+        lines += ["", "Paired on the same cases, final: the cases only A and only B bring below 2 mm, and the two-sided "
+                  "exact sign-test p-value of that split (McNemar).", "",
+                  "| A | B | < 2 mm only A | only B | p |", "|---|---|---|---|---|"]
+        for c in paired:
+            lines.append(f"| {c['a']} | {c['b']} | {c['final_only_a']} | {c['final_only_b']} | "
+                         f"{_fmt(c['final_p_value'], 3)} |")
     lines += ["", rf_note + " Seconds per case: median wall time."]
     if chained:
         lines += [f"Chained methods ({', '.join(chained)}): learned updates first (at most "

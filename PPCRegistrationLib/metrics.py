@@ -99,3 +99,37 @@ def summarize(initial: Sequence[float], final: Sequence[float], *, mrpd_final: S
     out["iterations_mean"] = float(torch.tensor(list(iterations), dtype=torch.float64).mean()) \
         if iterations else math.nan
     return out
+
+
+def paired_comparison(a_one: Sequence[float], b_one: Sequence[float], a_final: Sequence[float] | None = None,
+                      b_final: Sequence[float] | None = None, success_mm: float = 2.0) -> dict:
+    """Method A against method B on the same cases.
+
+    After one update: the mean of the per-case differences ``mTRE_A - mTRE_B`` (mm; negative = A better), its
+    95 % confidence interval (normal approximation, ``1.96 sd / sqrt(n)``) and how many cases A has lower. After the
+    iterative registration (when given): the cases only A and only B bring below ``success_mm`` and the two-sided
+    exact sign-test (McNemar) p-value of that split.
+
+    Returns:
+        ``{"n", "one_update_diff_mean", "one_update_diff_ci95", "one_update_a_lower", "final_only_a",
+        "final_only_b", "final_p_value"}`` (the last three None without final values).
+    """
+    a = torch.tensor(list(a_one), dtype=torch.float64)
+    b = torch.tensor(list(b_one), dtype=torch.float64)
+    if a.shape != b.shape:
+        raise ValueError("paired_comparison needs values of the same cases for both methods")
+    n = int(a.numel())
+    d = a - b
+    half = 1.96 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+    mean = float(d.mean()) if n else math.nan
+    out = {"n": n, "one_update_diff_mean": mean, "one_update_diff_ci95": [mean - half, mean + half],
+           "one_update_a_lower": int((d < 0).sum()), "final_only_a": None, "final_only_b": None,
+           "final_p_value": None}
+    if a_final is not None and b_final is not None:
+        sa = torch.tensor(list(a_final), dtype=torch.float64) < success_mm
+        sb = torch.tensor(list(b_final), dtype=torch.float64) < success_mm
+        only_a, only_b = int((sa & ~sb).sum()), int((sb & ~sa).sum())
+        k, m = min(only_a, only_b), only_a + only_b
+        p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+        out.update(final_only_a=only_a, final_only_b=only_b, final_p_value=p)
+    return out

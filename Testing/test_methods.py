@@ -194,11 +194,18 @@ def test_evaluate_two_methods_writes_table1_json_and_fig2(lumbar, models_dir, tm
         assert set(rec["methods"]) == {"classic", "ppc-flow-attention+classic"}
     paths = write_report(result, tmp_path)
     md = paths["summary.md"].read_text()
-    table1 = md[md.index("## After one update"):md.index("## Iterated")]
+    table1 = md[md.index("## After one update"):md.index("Paired on the same cases")]
     rows = [line for line in table1.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert [r.split("|")[1].strip() for r in rows] == ["initial", "classic", "ppc-flow-attention+classic"]
     assert "reduction factor" in table1 and "success < 2 mm" in md[md.index("## Iterated"):]
+    # the paired comparison of the two methods on the same cases, after one update and final
+    assert "| ppc-flow-attention+classic | classic |" in md and "McNemar" in md
     summary = json.loads(paths["summary.json"].read_text())
+    (pair,) = summary["paired"]
+    assert (pair["a"], pair["b"], pair["n"]) == ("ppc-flow-attention+classic", "classic", 2)
+    d = [rec["methods"]["ppc-flow-attention+classic"]["mtre_one_update_mm"] - rec["methods"]["classic"][
+        "mtre_one_update_mm"] for rec in result["cases"]]
+    assert pair["one_update_diff_mean"] == pytest.approx(sum(d) / 2)
     for m in ("classic", "ppc-flow-attention+classic"):
         for stage in ("one_update", "final"):
             assert set(SUMMARY_KEYS) <= set(summary["methods"][m][stage])

@@ -134,3 +134,20 @@ def test_metrics():
     s = summarize([10, 10, 10, 10], [0.5, 1.5, 3.0, 20.0], seconds=[1, 2, 3, 4])
     assert s["success_2mm"] == 0.5 and s["success_5mm"] == 0.75 and s["mtre_p50"] == pytest.approx(2.25)
     assert s["seconds_per_case"] == pytest.approx(2.5) and math.isnan(s["mrpd_mean"])
+
+
+def test_paired_comparison_of_two_methods():
+    """Mean paired difference with its confidence interval, and the sign test of the cases only one method solves."""
+    from PPCRegistrationLib.metrics import paired_comparison
+
+    a = [1.0, 2.0, 3.0, 4.0]
+    b = [2.0, 2.5, 3.0, 6.0]
+    c = paired_comparison(a, b, [0.5, 1.0, 3.0, 1.5], [3.0, 1.0, 3.0, 2.5])
+    assert c["n"] == 4 and c["one_update_diff_mean"] == pytest.approx(-0.875)
+    lo, hi = c["one_update_diff_ci95"]
+    assert lo < -0.875 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.8539125638299665 / 2, rel=1e-6)
+    assert c["one_update_a_lower"] == 3
+    assert (c["final_only_a"], c["final_only_b"]) == (2, 0) and c["final_p_value"] == pytest.approx(0.5)
+    assert paired_comparison(a, b)["final_p_value"] is None
+    with pytest.raises(ValueError):
+        paired_comparison(a, b[:3])
