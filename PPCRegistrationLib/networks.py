@@ -417,9 +417,7 @@ def match_evidence(drr_grad: torch.Tensor, xray_grad: torch.Tensor, uv: torch.Te
         d = robust_normalise(drr_grad)
         x = robust_normalise(xray_grad)
         uv, uv_matched = uv.to(dt), uv_matched.to(dt)
-        r = torch.arange(-int(patch_radius), int(patch_radius) + 1, dtype=dt, device=uv.device)
-        dv_, du_ = torch.meshgrid(r, r, indexing="ij")
-        off = torch.stack([du_.reshape(-1), dv_.reshape(-1)], -1)  # (P, 2)
+        off = correlation_displacements(int(patch_radius)).to(uv.device, dt)  # (P, 2), (0, 0) in the middle
         k = off.shape[0]
         pd = _bilinear(d, (uv[:, :, None] + off).reshape(b, n * k, 2)).reshape(b, n, k, 2)
         px = _bilinear(x, (uv_matched[:, :, None] + off).reshape(b, n * k, 2)).reshape(b, n, k, 2)
