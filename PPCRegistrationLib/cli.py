@@ -484,6 +484,17 @@ def _cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+def _cmd_join_evaluations(args) -> int:
+    from .evaluation import join_results, read_result, write_report
+
+    result = join_results([read_result(d) for d in args.folders])
+    paths = write_report(result, Path(args.out).expanduser())
+    _say(paths["summary.md"].read_text(encoding="utf-8"))
+    for name, p in paths.items():
+        _say(f"  {name}: {p}")
+    return EXIT_OK
+
+
 # ============================================================================= bench
 
 
@@ -1028,6 +1039,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("join-evaluations", help="join the results of several `ppcreg evaluate` runs into one report",
+                       description="Join evaluations of the same protocol: runs of other seeds (an evaluation split "
+                                   "over processes, e.g. --seed 0 --cases 250 and --seed 250 --cases 250) and runs of "
+                                   "other methods on the same seeds, case by case; writes the same report as "
+                                   "`ppcreg evaluate` (tables, paired comparisons, scatter plots).")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="output folders of `ppcreg evaluate` (their cases.json)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder of the joined report")
+    p.set_defaults(func=_cmd_join_evaluations)
 
     p = sub.add_parser("bench", help="timings of the DRR renderer and of one update step",
                        description="Median timings: the fast DRR renderer against the reference ray marcher "

@@ -36,7 +36,7 @@ from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
 __all__ = ["evaluate", "write_report", "summary_markdown", "summarize_cases", "SUMMARY_KEYS", "AVAILABLE_METHODS",
-           "ORACLE"]
+           "ORACLE", "join_results", "read_result"]
 
 #: the ground-truth correspondences (simulation only, :class:`~PPCRegistrationLib.registration.OracleMatcher`)
 #: through the learned operators' plain PPC solve, without the registration's limits on the update size: the
@@ -229,6 +229,71 @@ def summarize_cases(records: Sequence[Mapping], methods: Sequence[str]) -> dict:
     return summary
 
 
+#: settings that runs must share to be joined (the same protocol on the same CT and region)
+_JOIN_KEYS = ("mtre_range", "iterations", "tolerance_mm", "detector_px", "n_targets", "roi", "one_update_only")
+
+
+def read_result(folder: str | Path) -> dict:
+    """The result of an earlier :func:`evaluate` from its report folder (``cases.json``), summary recomputed."""
+    p = Path(folder).expanduser() / "cases.json"
+    if not p.is_file():
+        raise InputError(f"{p} not found: give folders written by `ppcreg evaluate`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        cfg, records = data["config"], data["cases"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{p} is not the cases.json of an evaluation ({type(exc).__name__}: {exc})") from exc
+    return {"config": cfg, "cases": records, "summary": summarize_cases(records, cfg["methods"])}
+
+
+def join_results(results: Sequence[Mapping]) -> dict:
+    """Several :func:`evaluate` results as one: runs of other seeds (a long evaluation split over processes or
+    machines) and runs of other methods on the same seeds (a method added later) are joined case by case.
+
+    Raises:
+        InputError: runs of another protocol (initial range, iterations, detector, region of interest...), a seed
+            whose case differs between runs (another CT or view settings), or a case that lacks a method the joined
+            result has (every method must be on every case).
+    """
+    if not results:
+        raise InputError("nothing to join: give at least one evaluation")
+    first = results[0]["config"]
+    methods: list[str] = []
+    models: dict[str, str] = {}
+    by_seed: dict[int, dict] = {}
+    for res in results:
+        cfg = res["config"]
+        bad = [k for k in _JOIN_KEYS if cfg.get(k) != first.get(k)]
+        if bad:
+            raise InputError("these evaluations ran different protocols and cannot be joined: "
+                             + ", ".join(f"{k} {first.get(k)!r} vs {cfg.get(k)!r}" for k in bad))
+        methods += [m for m in cfg["methods"] if m not in methods]
+        models.update(cfg.get("models") or {})
+        for rec in res["cases"]:
+            seed = int(rec["seed"])
+            if seed not in by_seed:
+                by_seed[seed] = {**rec, "methods": dict(rec["methods"])}
+                continue
+            have = by_seed[seed]
+            if abs(float(have["initial_mtre_mm"]) - float(rec["initial_mtre_mm"])) > 1e-6:
+                raise InputError(f"case seed {seed} differs between the evaluations (initial mTRE "
+                                 f"{have['initial_mtre_mm']:.4f} vs {rec['initial_mtre_mm']:.4f} mm): not the same cases")
+            have["methods"].update(rec["methods"])
+    records = [by_seed[s] for s in sorted(by_seed)]
+    for rec in records:
+        missing = [m for m in methods if m not in rec["methods"]]
+        if missing:
+            raise InputError(f"case seed {rec['seed']} has no result of {', '.join(missing)}: join runs that cover the "
+                             "same methods on every case")
+    for i, rec in enumerate(records):
+        rec["case"] = i
+    seeds = sorted(by_seed)
+    config = {**first, "methods": methods, "models": models, "n_cases": len(records), "seed": seeds[0],
+              "seeds": seeds if seeds != list(range(seeds[0], seeds[0] + len(seeds))) else None,
+              "joined_from": len(results)}
+    return {"config": config, "cases": records, "summary": summarize_cases(records, methods)}
+
+
 def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method | Matcher, surface: SurfacePoints,
                 renderer: DRRRenderer) -> dict:
     if isinstance(method, Method):
@@ -275,6 +340,18 @@ def _pm(mean: float, sd: float, digits: int = 2) -> str:
     return f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}"
 
 
+def _seed_text(cfg: Mapping) -> str:
+    """``0..99`` for consecutive seeds, ``0..9, 20..29`` for the seeds of joined runs."""
+    seeds = cfg.get("seeds") or list(range(cfg["seed"], cfg["seed"] + cfg["n_cases"]))
+    runs: list[list[int]] = []
+    for s_ in seeds:
+        if runs and s_ == runs[-1][1] + 1:
+            runs[-1][1] = s_
+        else:
+            runs.append([s_, s_])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def summary_markdown(result: Mapping) -> str:
     """Markdown tables of an :func:`evaluate` result: one update (like Table 1 of the paper) and iterated."""
     cfg, summ = result["config"], result["summary"]
@@ -282,7 +359,7 @@ def summary_markdown(result: Mapping) -> str:
     lines = [
         "# PPC registration evaluation",
         "",
-        f"{cfg['n_cases']} simulated cases (seeds {cfg['seed']}..{cfg['seed'] + cfg['n_cases'] - 1}), initial mTRE "
+        f"{cfg['n_cases']} simulated cases (seeds {_seed_text(cfg)}), initial mTRE "
         f"uniform in [{cfg['mtre_range'][0]:g}, {cfg['mtre_range'][1]:g}] mm, {cfg['detector_px']} px detector, "
         f"ROI {cfg['roi']} ({cfg['n_targets']} target points), device {cfg['device']}.",
         "",

@@ -252,3 +252,34 @@ def test_oracle_is_the_ceiling_of_one_update(lumbar, tmp_path):
                        matcher=OracleMatcher(), surface=surface, renderer=renderer)
     with pytest.raises(InputError, match="ground-truth transform"):
         reg.step()
+
+
+def test_join_evaluations_by_seed_and_by_method(lumbar, capsys, tmp_path):
+    """Two runs of other seeds and a run of another method on one of them join case by case (real lumbar CT); runs
+    of another protocol or cases lacking a method are refused with a clear message."""
+    from PPCRegistrationLib.cli import main
+    from PPCRegistrationLib.evaluation import join_results, read_result
+
+    ct, roi, renderer, surface, _ = lumbar
+    kw = dict(mtre_range=(5, 10), iterations=1, detector_px=128, device="cpu", renderer=renderer, surface=surface,
+              progress=False)
+    a = evaluate(ct, roi, ["classic"], n_cases=2, seed=0, **kw)
+    b = evaluate(ct, roi, ["classic"], n_cases=1, seed=2, **kw)
+    c = evaluate(ct, roi, ["oracle"], n_cases=2, seed=0, **kw)
+    for name, res in (("a", a), ("b", b), ("c", c)):
+        write_report(res, tmp_path / name)
+    joined = join_results([read_result(tmp_path / "a"), read_result(tmp_path / "b")])
+    assert [r["seed"] for r in joined["cases"]] == [0, 1, 2] and joined["summary"]["n_cases"] == 3
+    assert joined["cases"][2]["methods"]["classic"] == b["cases"][0]["methods"]["classic"]
+    both = join_results([a, c])  # the same seeds, another method: the paired comparison is possible
+    assert both["config"]["methods"] == ["classic", "oracle"] and both["summary"]["paired"][0]["n"] == 2
+    with pytest.raises(InputError, match="no result of oracle"):
+        join_results([a, b, c])  # seed 2 has no oracle
+    other = evaluate(ct, roi, ["classic"], n_cases=1, seed=5, **{**kw, "mtre_range": (10, 20)})
+    with pytest.raises(InputError, match="mtre_range"):
+        join_results([a, other])
+    code = main(["join-evaluations", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")])
+    out = capsys.readouterr().out
+    assert code == 0 and "3 simulated cases (seeds 0..2)" in out and (tmp_path / "ab" / "summary.md").is_file()
+    code = main(["join-evaluations", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "cases.json not found" in capsys.readouterr().err
