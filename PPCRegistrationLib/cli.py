@@ -355,7 +355,8 @@ def _cmd_register(args) -> int:
     cfg = RegistrationConfig(method=method_name, max_iterations=args.iterations, tolerance_mm=args.tolerance,
                              device=args.device, refine_iterations=args.refine_iterations)
     method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
-                            device=cfg.resolved_device(), learned_steps=args.learned_steps)
+                            device=cfg.resolved_device(), learned_steps=args.learned_steps,
+                            classic_fallback=not args.no_classic_fallback)
     ct, roi, desc = _load_ct_and_roi(args)
     reg = method.registration(ct, xray.image, proj, T_init, roi, cfg, T_gt=T_gt)
     mtre0 = reg.mtre(reg.T_init)
@@ -398,7 +399,8 @@ def _cmd_register(args) -> int:
               "model": None if method.model_path is None else str(method.model_path),
               "operators": [st.operator for st in result.history]}
     if method.chained:
-        config.update(learned_steps=method.learned_steps, switch_mm=method.switch_mm)
+        config.update(learned_steps=method.learned_steps, switch_mm=method.switch_mm,
+                      classic_fallback=method.classic_fallback)
     formats.save_result(out / "result.json", formats.ResultRecord(
         final_transform=T_final, initial_transform=T_init, method=method_name, frame="LPS",
         history=[_history_row(st) for st in result.history], metrics=metrics, config=config))
@@ -475,6 +477,7 @@ def _cmd_evaluate(args) -> int:
                       iterations=iterations, detector_px=args.detector_px, tolerance_mm=args.tolerance,
                       device=args.device, variation=XRayVariation.none() if args.no_variation else None,
                       models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
+                      classic_fallback=not args.no_classic_fallback,
                       config=RegistrationConfig(refine_iterations=args.refine_iterations), progress=not args.quiet)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
@@ -988,6 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
                    help="chained methods: at most this many learned updates before the classic ones (default 1; "
                         "they switch earlier after a learned update below 0.5 mm)")
+    g.add_argument("--no-classic-fallback", action="store_true",
+                   help="chained methods: no classic registration from the initial estimate when the learned path's "
+                        "result correlates poorly with the X-ray (only classic's own retry)")
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
@@ -1031,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the default model files <learned>.pt (default Resources/Models of the repository)")
     g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
                    help="chained methods: at most this many learned updates before the classic ones (default 1)")
+    g.add_argument("--no-classic-fallback", action="store_true",
+                   help="chained methods: no classic registration from the initial estimate when the learned path's "
+                        "result correlates poorly with the X-ray (only classic's own retry)")
     p.add_argument("--one-update", action="store_true",
                    help="one update per case only (iterations = 1): the paper's Table 1, cheap for many cases")
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")

@@ -79,7 +79,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              views: ViewSampler | None = None, matchers: Mapping[str, Matcher] | None = None,
              models: Mapping[str, str | Path] | None = None, models_dir: str | Path | None = None,
              learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
-             config: RegistrationConfig | None = None, renderer: DRRRenderer | None = None,
+             classic_fallback: bool = True, config: RegistrationConfig | None = None, renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None) -> dict:
     """Run the evaluation protocol (DESIGN.md §4) on one CT.
@@ -105,6 +105,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         models: method (or learned operator) name -> model file; default ``<models_dir>/<learned>.pt``.
         models_dir: folder of the default model files (default ``Resources/Models`` of the repository).
         learned_steps, switch_mm: when the chained methods switch to classic refinement.
+        classic_fallback: chained methods fall back on the classic registration when their result correlates
+            poorly with the X-ray (:class:`~PPCRegistrationLib.methods.PipelineRegistration`).
         config: base registration settings (``max_iterations``, ``tolerance_mm``, ``device`` are overridden).
         renderer, surface: precomputed DRR renderer / surface points of this CT and ROI.
         progress: show a tqdm progress bar over the cases (on stderr).
@@ -156,7 +158,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         else:
             learned = m.split("+")[0]
             resolved[m] = resolve_method(m, model_path=model_files.get(learned), models_dir=models_dir, device=dev,
-                                         learned_steps=learned_steps, switch_mm=switch_mm)
+                                         learned_steps=learned_steps, switch_mm=switch_mm,
+                                         classic_fallback=classic_fallback)
     model_info = {m: {"file": str(r.model_path), "meta": r.model_meta or {}} for m, r in resolved.items()
                   if isinstance(r, Method) and r.model_path is not None}
     views = views or ViewSampler(detector_size_px=int(detector_px))
@@ -195,6 +198,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
                    "roi": repr(roi) if roi is not None else "whole CT", "one_update_only": int(iterations) == 1,
                    "models": {m: v["file"] for m, v in model_info.items()},
                    "learned_steps": int(learned_steps), "switch_mm": float(switch_mm),
+                   "classic_fallback": bool(classic_fallback),
                    "seconds_total": time.perf_counter() - t_start},
         "cases": records,
         "summary": summary,
@@ -421,7 +425,9 @@ def summary_markdown(result: Mapping) -> str:
     if chained:
         lines += [f"Chained methods ({', '.join(chained)}): learned updates first (at most "
                   f"{cfg.get('learned_steps', '?')}, or until a learned update is below {cfg.get('switch_mm', '?')} "
-                  "mm), then classic PPC updates."]
+                  "mm), then classic PPC updates"
+                  + ("; when the result correlates poorly with the X-ray, the classic registration from the initial "
+                     "estimate (classic fallback)." if cfg.get("classic_fallback") else "; no classic fallback.")]
     lines.append("")
     return "\n".join(lines)
 

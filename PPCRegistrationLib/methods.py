@@ -189,6 +189,7 @@ class Method:
     model_meta: dict | None = None
     learned_steps: int = DEFAULT_LEARNED_STEPS
     switch_mm: float = DEFAULT_SWITCH_MM
+    classic_fallback: bool = True
 
     @property
     def learned(self) -> str | None:
@@ -232,14 +233,16 @@ class Method:
         spacing = float(projection.pixel_spacing[0, 0])
         if self.chained:
             return PipelineRegistration(ct, xray, projection, T_init, roi, base, operator=self.operator,
-                                        learned_steps=self.learned_steps, switch_mm=self.switch_mm, **kw)
+                                        learned_steps=self.learned_steps, switch_mm=self.switch_mm,
+                                        classic_fallback=self.classic_fallback, **kw)
         return Registration(ct, xray, projection, T_init, roi, self.config(base, spacing), matcher=self.matcher(),
                             **kw)
 
 
 def resolve_method(name: str, *, model_path: str | Path | None = None, models_dir: str | Path | None = None,
                    device: torch.device | str = "cpu", operator: LearnedOperator | None = None,
-                   learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM) -> Method:
+                   learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
+                   classic_fallback: bool = True) -> Method:
     """A :class:`Method` by name, with its learned operator loaded (and checked) when it has one.
 
     Args:
@@ -249,6 +252,8 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         device: where the operator runs (``"auto"`` = CUDA when available).
         operator: an operator already in memory (no file is read).
         learned_steps, switch_mm: when a chained method switches to classic refinement.
+        classic_fallback: a chained method whose result correlates poorly with the X-ray runs the classic
+            registration from the initial estimate (see :class:`PipelineRegistration`).
     Raises:
         InputError: unknown method or bad parameters.  ModelFileError: missing or damaged model file.
     """
@@ -257,7 +262,7 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         raise InputError(f"learned_steps must be at least 1, got {learned_steps}")
     if not float(switch_mm) >= 0:
         raise InputError(f"switch_mm must be >= 0 (mm), got {switch_mm}")
-    out = Method(m, learned_steps=int(learned_steps), switch_mm=float(switch_mm))
+    out = Method(m, learned_steps=int(learned_steps), switch_mm=float(switch_mm), classic_fallback=bool(classic_fallback))
     learned = learned_part(m)
     if learned is None:
         return out
@@ -283,6 +288,13 @@ class PipelineRegistration(Registration):
     the learned phase) work as for any :class:`Registration`; each :class:`IterationState` says which
     operator made it (``state.operator``).
 
+    **Classic fallback** (``classic_fallback``, on by default): when the result of this learned path correlates
+    poorly with the X-ray (below ``retry_below_similarity``, or no better than the initial estimate), the
+    registration starts again from the initial estimate as the classic registration runs alone (2D pre-alignment,
+    then, if that result is poor too, its own retry without it), and keeps whichever result correlates best. The
+    learned operator then adds the cases it solves without losing the ones classic PPC solves, as long as the image
+    similarity tells a solved case from a failed one. Without it the retry is classic's second attempt only.
+
     Attributes:
         pipeline_config: the settings given (``method`` = the pipeline's name).
         learned_config, classic_config: the settings of the two phases; ``config`` is the current one.
@@ -291,7 +303,8 @@ class PipelineRegistration(Registration):
 
     def __init__(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
                  operator: LearnedOperator, learned_steps: int = DEFAULT_LEARNED_STEPS,
-                 switch_mm: float = DEFAULT_SWITCH_MM, T_gt=None, surface=None, renderer=None) -> None:
+                 switch_mm: float = DEFAULT_SWITCH_MM, classic_fallback: bool = True, T_gt=None, surface=None,
+                 renderer=None) -> None:
         if not isinstance(operator, LearnedOperator):
             raise InputError("a chained registration needs a LearnedOperator (see resolve_method)")
         base = config or RegistrationConfig()
@@ -301,6 +314,7 @@ class PipelineRegistration(Registration):
         self.classic_config = method_config(CLASSIC, base)
         self.learned_steps = int(learned_steps)
         self.switch_mm = float(switch_mm)
+        self.classic_fallback = bool(classic_fallback)
         self.learned_matcher = LearnedMatcher(operator)
         self.classic_matcher = ClassicMatcher()
         self.phase = "learned"
@@ -315,6 +329,14 @@ class PipelineRegistration(Registration):
         self.config = self.learned_config
         self.matcher = self.learned_matcher
         super().reset()
+
+    def retry_plan(self) -> list[tuple[bool, bool, str]]:
+        """With the classic fallback: the classic registration as it runs alone (pre-aligned, then its own retry);
+        without: classic's retry only."""
+        classic = [(False, True, "with classic PPC updates without the 2D pre-alignment")]
+        if self.classic_fallback:
+            classic.insert(0, (True, False, "with the classic registration (2D pre-alignment and classic PPC updates)"))
+        return classic
 
     def switch_to_classic(self) -> None:
         """End the learned phase now: the next updates are classic."""
@@ -345,13 +367,14 @@ def build_registration(method: str, ct, xray, projection, T_init, roi=None,
                        config: RegistrationConfig | None = None, *, model_path: str | Path | None = None,
                        models_dir: str | Path | None = None, operator: LearnedOperator | None = None,
                        learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
-                       T_gt=None, surface=None, renderer=None) -> Registration:
+                       classic_fallback: bool = True, T_gt=None, surface=None, renderer=None) -> Registration:
     """One call from a method name to a ready :class:`Registration` (loads the model file of learned methods
     on ``config.device``).  For many cases of one method, :func:`resolve_method` once and
     :meth:`Method.registration` per case."""
     base = config or RegistrationConfig()
     m = resolve_method(method, model_path=model_path, models_dir=models_dir, device=base.resolved_device(),
-                       operator=operator, learned_steps=learned_steps, switch_mm=switch_mm)
+                       operator=operator, learned_steps=learned_steps, switch_mm=switch_mm,
+                       classic_fallback=classic_fallback)
     return m.registration(ct, xray, projection, T_init, roi, base, T_gt=T_gt, surface=surface, renderer=renderer)
 
 

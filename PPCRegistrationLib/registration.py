@@ -341,10 +341,12 @@ class Registration:
         self._refiner: PoseRefiner | None = None
         self._refine_start = self.T_init.clone()
         self._ppc_outcome = "converged"
-        #: 1 for the first registration attempt, 2 for the retry from the initial estimate (see
-        #: ``RegistrationConfig.retry_below_similarity``)
+        #: 1 for the first registration attempt, 2, 3... for the retries from the initial estimate (see
+        #: ``RegistrationConfig.retry_below_similarity`` and :meth:`retry_plan`)
         self.attempt = 1
         self._attempt_start = 0
+        self._attempt_prealign = True  # the current attempt starts with the 2D pre-alignment (when configured)
+        self._attempt_patience = False  # the current attempt stops on a falling similarity (retry_patience)
         self._candidates: list[tuple[float, torch.Tensor, str]] = []
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
@@ -565,33 +567,49 @@ class Registration:
         self.status = status
         return st
 
+    def retry_plan(self) -> list[tuple[bool, bool, str]]:
+        """The attempts that follow a first attempt whose result correlates poorly with the X-ray, in order, each from
+        the initial estimate: ``(pre-align, stop on a falling similarity, description)``. Here one retry without the
+        2D pre-alignment that stops when the similarity stops improving (``retry_patience``)."""
+        return [(False, True, "without the 2D pre-alignment")]
+
+    def _start_attempt(self, prealign: bool, patience: bool) -> None:
+        """Begin the next attempt from the initial estimate."""
+        cfg = self.config
+        self.attempt += 1
+        self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
+        self._attempt_prealign, self._attempt_patience = prealign, patience
+        self.T = self.T_init.clone()
+        self.best_T = self.T_init.clone()
+        self.best_similarity = -math.inf
+        self.since_best = 0
+        self.search_px = float(cfg.search_px)
+        self.damping = float(cfg.damping_initial)
+
     def _end_attempt(self, similarity: float) -> tuple[str, str]:
-        """After the refinement of an attempt: retry from the initial estimate, or pick the final estimate.
-        Returns the status of the update and a note for its message."""
+        """After the refinement of an attempt: the next attempt from the initial estimate (:meth:`retry_plan`) when
+        this one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
+        estimate that correlates best). Returns the status of the update and a note for its message."""
         cfg = self.config
         self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()
-        if self.attempt == 1:
-            if self.stop_requested or (similarity >= cfg.retry_below_similarity and similarity > initial):
-                return self._ppc_outcome, ""
-            # start again from the initial estimate, without the 2D pre-alignment, stopping on a falling similarity
-            self.attempt = 2
-            self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
-            self.T = self.T_init.clone()
-            self.best_T = self.T_init.clone()
-            self.best_similarity = -math.inf
-            self.since_best = 0
-            self.search_px = float(cfg.search_px)
-            self.damping = float(cfg.damping_initial)
+        good = similarity >= cfg.retry_below_similarity and similarity > initial
+        if self.attempt == 1 and (good or self.stop_requested):
+            return self._ppc_outcome, ""
+        plan = self.retry_plan()
+        if not good and not self.stop_requested and self.attempt <= len(plan):
+            prealign, patience, what = plan[self.attempt - 1]
+            self._start_attempt(prealign, patience)
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               "starting again from the initial estimate without the 2D pre-alignment")
-        # the two attempts' results and the initial estimate, in this order
+                               f"starting again from the initial estimate {what}")
+        # the attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])
         sim, T, outcome = options[k]
         self.T = T.clone()
         self.best_T = T.clone()
-        which = ("the first attempt", "the second attempt", "the initial estimate")[k]
+        names = ["the first attempt", "the second attempt", "the third attempt"]
+        which = "the initial estimate" if k == len(options) - 1 else (names[k] if k < 3 else f"attempt {k + 1}")
         return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
 
     def _similarity(self, T: torch.Tensor) -> float:
@@ -614,7 +632,7 @@ class Registration:
         """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
-        if self.iteration == 0 and self.attempt == 1 and cfg.coarse_search_px > 0:
+        if self.ppc_iterations == 0 and self._attempt_prealign and cfg.coarse_search_px > 0:
             self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients
@@ -751,11 +769,11 @@ class Registration:
         self.T = T_new
         if upd_mm < cfg.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
-        patience = cfg.patience if self.attempt == 1 else cfg.retry_patience
+        patience = cfg.retry_patience if self._attempt_patience else cfg.patience
         if patience > 0 and self.since_best >= patience:
             self.T = self.best_T.clone()
             # the retry's stopping rule (a falling similarity) is its convergence; in a first attempt it is a divergence
-            return finish("diverged" if self.attempt == 1 else "converged",
+            return finish("converged" if self._attempt_patience else "diverged",
                           f"no improvement of the image similarity for {patience} updates: "
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)
@@ -773,7 +791,9 @@ class Registration:
         k, m = cfg.ransac_hypotheses, cfg.ransac_sample
         if k <= 0 or n < 2 * m:
             return (weights > 0).to(weights.dtype)[None]
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.iteration)
+        # seeded by the update's place in its attempt: every attempt from the initial estimate draws as a registration
+        # that starts there would (a learned pipeline's classic fallback is exactly the classic registration)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.ppc_iterations)
         prob = (weights.cpu() + 1e-12)
         idx = torch.multinomial(prob.expand(k, n), m, replacement=False, generator=gen).to(weights.device)
         src = self.projection.source
@@ -854,13 +874,13 @@ class Registration:
             if st.status != "running":
                 status, message = st.status, st.message
                 break
-        if status == "stopped" and self.attempt == 2 and self._candidates:
-            # stopped during the retry: keep the first attempt's result if it correlates better with the X-ray
+        if status == "stopped" and self.attempt > 1 and self._candidates:
+            # stopped during a retry: keep an earlier attempt's result if it correlates better with the X-ray
             now = self._similarity(self.T)
             sim, T, _ = max(self._candidates, key=lambda c: c[0])
             if sim > now:
                 self.T, self.best_T = T.clone(), T.clone()
-                message += "; kept the first attempt's result (it correlates better with the X-ray)"
+                message += "; kept an earlier attempt's result (it correlates better with the X-ray)"
         self.status = status
         return RegistrationResult(T=self.T.detach().cpu().clone(), best_T=self.best_T.detach().cpu().clone(),
                                   status=status, iterations=self.iteration, seconds=time.perf_counter() - t0,

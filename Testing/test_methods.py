@@ -283,3 +283,33 @@ def test_join_evaluations_by_seed_and_by_method(lumbar, capsys, tmp_path):
     assert code == 0 and "3 simulated cases (seeds 0..2)" in out and (tmp_path / "ab" / "summary.md").is_file()
     code = main(["join-evaluations", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert code == 2 and "cases.json not found" in capsys.readouterr().err
+
+
+def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir):
+    """A learned pipeline whose result counts as poor (here: any result, retry_below_similarity > 1) starts again
+    from the initial estimate as the classic registration runs alone: its second attempt is classic's first (with the
+    2D pre-alignment) and its third classic's retry, to the same poses (real lumbar CT); it keeps the best of all.
+    Without the fallback only classic's retry follows."""
+    ct, roi, renderer, surface, case = lumbar
+    cfg = RegistrationConfig(device="cpu", max_iterations=3, refine_iterations=2, retry_below_similarity=1.01)
+
+    def run(method):
+        reg = method.registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
+                                  surface=surface, renderer=renderer)
+        return reg, reg.run()
+
+    classic, res_c = run(methods.resolve_method("classic"))
+    assert classic.attempt == 2 and len(classic._candidates) == 2
+    pipe, res_p = run(methods.resolve_method("flow+classic", models_dir=models_dir))
+    assert pipe.attempt == 3 and len(pipe._candidates) == 3
+    for (sim_p, T_p, _), (sim_c, T_c, _) in zip(pipe._candidates[1:], classic._candidates):
+        assert torch.allclose(T_p, T_c, atol=1e-9) and sim_p == pytest.approx(sim_c, abs=1e-9)
+    messages = " ".join(st.message for st in res_p.history)
+    assert "with the classic registration (2D pre-alignment" in messages and "without the 2D pre-alignment" in messages
+    best = max(pipe._candidates + [(pipe._initial_similarity(), case.T_init, "")], key=lambda c: c[0])
+    assert torch.allclose(res_p.T.to(torch.float64), best[1].cpu().to(torch.float64), atol=1e-9)
+    assert "kept the" in res_p.history[-1].message
+    ops = [st.operator for st in res_p.history]
+    assert ops[0] == "flow" and "flow" not in ops[1:]  # the fallback attempts are classic
+    off, _ = run(methods.resolve_method("flow+classic", models_dir=models_dir, classic_fallback=False))
+    assert off.attempt == 2 and len(off._candidates) == 2
