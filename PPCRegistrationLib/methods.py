@@ -37,9 +37,9 @@ from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator
 from .registration import ClassicMatcher, IterationState, Matcher, Registration, RegistrationConfig
 
 __all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
-           "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "normalize_method", "parse_methods", "learned_part",
-           "default_models_dir", "default_model_path", "load_operator", "method_config", "Method",
-           "resolve_method", "PipelineRegistration", "build_registration", "models_from_mapping"]
+           "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "normalize_method",
+           "parse_methods", "learned_part", "default_models_dir", "default_model_path", "load_operator", "method_config",
+           "Method", "resolve_method", "PipelineRegistration", "build_registration", "models_from_mapping"]
 
 CLASSIC = "classic"
 #: ``<learned>+classic`` for every learned operator.
@@ -155,8 +155,16 @@ def learned_search_px(operator: LearnedOperator, pixel_spacing_mm: float | None 
     return max(8.0, float(net.max_disp * net.stride) * operator.factor_for(pixel_spacing_mm))
 
 
+def learned_window_px(operator: LearnedOperator, pixel_spacing_mm: float | None = None) -> int:
+    """The detector window (pixels of ``pixel_spacing_mm``) a learned operator was trained on: its ``window_px`` network
+    pixels times the image-to-network reduction; 0 when its model file does not record it."""
+    if operator.window_px is None:
+        return 0
+    return int(round(operator.window_px * operator.factor_for(pixel_spacing_mm)))
+
+
 def method_config(method: str, base: RegistrationConfig | None = None,
-                  search_px: float | None = None) -> RegistrationConfig:
+                  search_px: float | None = None, window_px: int = 0) -> RegistrationConfig:
     """The registration settings of a method: ``base`` (default :class:`RegistrationConfig`) with the
     method's overrides.  For a chained method these are the settings of its *learned* phase; the classic phase
     uses ``base`` with ``method="classic"``.
@@ -164,8 +172,10 @@ def method_config(method: str, base: RegistrationConfig | None = None,
     Learned: ``solver="plain"`` (one weighted PPC solve, as in training), no coarse pre-alignment, no intensity
     refinement (a learned operator alone is evaluated as it is; a chain's classic phase refines), and a fixed
     search range ``search_px`` (default :data:`LEARNED_SEARCH_PX`; :meth:`Method.registration` uses the
-    operator's reach, :func:`learned_search_px`): the window rendered around the region of interest has that
-    margin (plus ``window_margin_px``), and matches displaced farther are dropped.
+    operator's reach, :func:`learned_search_px`): matches displaced farther are dropped, and the window rendered
+    around the region of interest has that margin (plus ``window_margin_px``), unless ``window_px`` > 0: then the
+    window is a square of that many detector pixels centred on the region, as the operator was trained
+    (:func:`learned_window_px`).
     """
     m = normalize_method(method)
     base = base or RegistrationConfig()
@@ -173,7 +183,7 @@ def method_config(method: str, base: RegistrationConfig | None = None,
         return replace(base, method=CLASSIC)
     s = float(LEARNED_SEARCH_PX if search_px is None else search_px)
     return replace(base, method=learned_part(m), solver="plain", coarse_search_px=0.0, search_px=s,
-                   min_search_px=s, refine_iterations=0)
+                   min_search_px=s, refine_iterations=0, window_px=int(window_px))
 
 
 @dataclass
@@ -216,8 +226,10 @@ class Method:
                ) -> RegistrationConfig:
         """The (first phase's) settings, see :func:`method_config`; the learned search range is the operator's
         reach on a detector of ``pixel_spacing_mm``."""
-        reach = None if self.operator is None else learned_search_px(self.operator, pixel_spacing_mm)
-        return method_config(self.name, base, reach)
+        if self.operator is None:
+            return method_config(self.name, base)
+        return method_config(self.name, base, learned_search_px(self.operator, pixel_spacing_mm),
+                             learned_window_px(self.operator, pixel_spacing_mm))
 
     def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
                      T_gt=None, surface=None, renderer=None) -> Registration:
@@ -310,8 +322,9 @@ class PipelineRegistration(Registration):
             raise InputError("a chained registration needs a LearnedOperator (see resolve_method)")
         base = config or RegistrationConfig()
         self.pipeline_config = replace(base, method=f"{operator.method}+{CLASSIC}")
-        self.learned_config = method_config(operator.method, base,
-                                            learned_search_px(operator, float(projection.pixel_spacing[0, 0])))
+        spacing = float(projection.pixel_spacing[0, 0])
+        self.learned_config = method_config(operator.method, base, learned_search_px(operator, spacing),
+                                            learned_window_px(operator, spacing))
         self.classic_config = method_config(CLASSIC, base)
         self.learned_steps = int(learned_steps)
         self.switch_mm = float(switch_mm)

@@ -565,13 +565,16 @@ class LearnedOperator(nn.Module):
             (:func:`match_evidence`: gradient agreement, patch correlation, consistency with the other points'
             motion), not only the geometry of :func:`point_features` (``ppc-flow-attention`` only; model files
             written before it existed have none).
+        window_px: side (network pixels) of the square window around the region of interest the operator was trained
+            on (the data set's ``crop_px``); the registration renders the same window for it. None: not recorded
+            (model files written before it was), the registration then renders the region with a margin.
     Attributes:
         hparams: the constructor arguments (stored in model files).
     """
 
     def __init__(self, method: str = "ppc-flow-attention", network_pixel_mm: float = 380.0 / 256,
                  sigma_px: float = 1.0, flow: dict | None = None, attention: dict | None = None,
-                 evidence: bool = False) -> None:
+                 evidence: bool = False, window_px: int | None = None) -> None:
         super().__init__()
         if method not in LEARNED_METHODS:
             raise InputError(f"unknown learned method {method!r}: use one of {', '.join(LEARNED_METHODS)}")
@@ -597,6 +600,11 @@ class LearnedOperator(nn.Module):
                         "attention": None if self.attention is None else dict(self.attention.hparams)}
         if self.evidence:  # absent (False) in the files of models without it
             self.hparams["evidence"] = True
+        if window_px is not None and int(window_px) < 8:
+            raise InputError(f"window_px must be at least 8 network pixels, got {window_px}")
+        self.window_px = None if window_px is None else int(window_px)
+        if self.window_px is not None:
+            self.hparams["window_px"] = self.window_px
 
     def factor_for(self, pixel_spacing_mm: float | None) -> float:
         """Reduction factor for images of ``pixel_spacing_mm`` detector pixels (1 when unknown or coarser)."""

@@ -74,6 +74,9 @@ class RegistrationConfig:
     patience: stop as diverged when the similarity has stayed below the best for this many iterations
         (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
     window_margin_px: margin around the projected region of interest rendered for matching.
+    window_px: side of a square detector window centred on the projected region of interest, rendered for matching
+        instead (the learned operators: the window they were trained on, see :func:`~PPCRegistrationLib.methods.
+        learned_window_px`); 0 = the region's bounding box plus ``window_margin_px`` and the search range.
     solver: ``"robust"`` (RANSAC consensus, Tukey re-weighting, damping: the classic pipeline) or ``"plain"``
         (one weighted PPC solve with the matcher's weights, as the learned operator is trained).
     plain_out_of_plane: damping of the out-of-plane directions in the ``"plain"`` solve (the learned operator's
@@ -126,6 +129,7 @@ class RegistrationConfig:
     max_drift_mm: float = 75.0
     patience: int = 0
     window_margin_px: int = 24
+    window_px: int = 0
     solver: str = "robust"
     plain_out_of_plane: float = 1.0
     refine_iterations: int = 20
@@ -146,6 +150,9 @@ class RegistrationConfig:
             raise InputError("refine_iterations must be >= 0 and refine_sigmas_px positive scales (pixels), got "
                              f"{self.refine_iterations} and {self.refine_sigmas_px}")
         self.refine_sigmas_px = tuple(float(x) for x in self.refine_sigmas_px)
+        if int(self.window_px) < 0 or int(self.window_px) != self.window_px:
+            raise InputError(f"window_px must be a non-negative whole number of pixels (0 = around the region of "
+                             f"interest), got {self.window_px}")
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -450,6 +457,17 @@ class Registration:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
         misses the detector."""
         h, w = self.projection.height, self.projection.width
+        side = int(self.config.window_px)
+        if side > 0:  # a fixed window centred on the region, clamped to the detector (as the training samples)
+            centre = uv_all.mean(0)
+            if not bool(torch.isfinite(centre).all()):
+                return None
+            cw, ch = min(side, w), min(side, h)
+            u0 = int(min(max(round(float(centre[0]) - cw / 2), 0), w - cw))
+            v0 = int(min(max(round(float(centre[1]) - ch / 2), 0), h - ch))
+            inside = ((uv_all[:, 0] >= u0) & (uv_all[:, 0] < u0 + cw) & (uv_all[:, 1] >= v0)
+                      & (uv_all[:, 1] < v0 + ch))
+            return (u0, v0, cw, ch) if bool(inside.any()) else None
         m = self.config.window_margin_px + self.search_px
         lo = torch.floor(uv_all.min(0).values - m)
         hi = torch.ceil(uv_all.max(0).values + m)

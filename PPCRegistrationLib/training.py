@@ -498,7 +498,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: s
         if arch != {"flow": cfg.flow, "evidence": cfg.evidence}:
             log(f"resuming keeps the checkpoint's architecture: {arch}")
         cfg = replace(cfg, **arch)
-    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow, evidence=cfg.evidence).to(device)
+    op = LearnedOperator(cfg.method, network_pixel_mm=pixel_mm, flow=cfg.flow, evidence=cfg.evidence,
+                         window_px=max(h, w)).to(device)
     opt = torch.optim.Adam(op.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator()
     if ck is not None:

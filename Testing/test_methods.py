@@ -20,6 +20,7 @@ from PPCRegistrationLib.evaluation import SUMMARY_KEYS, evaluate, summary_markdo
 from PPCRegistrationLib.networks import LearnedMatcher, LearnedOperator, save_model
 from PPCRegistrationLib.registration import Registration, RegistrationConfig
 from PPCRegistrationLib.simulation import ViewSampler, make_case
+from PPCRegistrationLib.geometry import transform_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,3 +314,26 @@ def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir
     assert ops[0] == "flow" and "flow" not in ops[1:]  # the fallback attempts are classic
     off, _ = run(methods.resolve_method("flow+classic", models_dir=models_dir, classic_fallback=False))
     assert off.attempt == 2 and len(off._candidates) == 2
+
+
+def test_learned_operator_renders_the_window_it_was_trained_on(lumbar, tmp_path):
+    """An operator trained on 48-pixel windows gets a 48 x 48 detector window centred on the region (twice that on a
+    detector of half its pixel size); one without a recorded window renders the region with its margin."""
+    ct, roi, renderer, surface, case = lumbar
+    torch.manual_seed(0)
+    spacing = float(case.projection.pixel_spacing[0, 0])
+    op = LearnedOperator("flow", network_pixel_mm=spacing, window_px=48)
+    save_model(tmp_path / "flow.pt", op, {})
+    m = methods.resolve_method("flow", model_path=tmp_path / "flow.pt")
+    assert m.operator.window_px == 48 and methods.learned_window_px(m.operator, spacing) == 48
+    assert methods.learned_window_px(m.operator, spacing / 2) == 96
+    reg, res = _run(lumbar, m, max_iterations=1)
+    assert reg.config.window_px == 48
+    rows, cols = torch.nonzero(res.history[0].drr).unbind(1)
+    assert int(rows.max() - rows.min()) + 1 <= 48 and int(cols.max() - cols.min()) + 1 <= 48
+    uv = case.projection.project(transform_points(case.T_init, surface.points)[None])[0].mean(0)
+    assert abs(float(cols.float().mean()) - float(uv[0])) < 6 and abs(float(rows.float().mean()) - float(uv[1])) < 6
+    old = methods.resolve_method("flow", operator=LearnedOperator("flow", network_pixel_mm=spacing))
+    assert old.operator.window_px is None and old.config(None, spacing).window_px == 0
+    with pytest.raises(InputError, match="window_px"):
+        RegistrationConfig(window_px=-1)

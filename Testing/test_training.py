@@ -364,6 +364,7 @@ def test_cli_train_with_refinement_levels_and_augmentation(capsys, root, tmp_pat
     assert code == 0, err
     op, meta = operator_from_file(tmp_path / "flow" / "model.pt", method="flow")
     assert op.flow_net.hparams["refine_strides"] == [4, 2]
+    assert op.window_px == 64  # the tiny data set's windows: the registration renders the same for it
     config = json_load(tmp_path / "flow" / "config.json")
     assert config["augment"] is True and config["zoom"] == 1.3
     # fine-tuning keeps the --init model's architecture (all its tensors are copied) ...
