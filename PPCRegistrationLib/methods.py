@@ -275,7 +275,8 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         raise InputError(f"learned_steps must be at least 1, got {learned_steps}")
     if not float(switch_mm) >= 0:
         raise InputError(f"switch_mm must be >= 0 (mm), got {switch_mm}")
-    out = Method(m, learned_steps=int(learned_steps), switch_mm=float(switch_mm), classic_fallback=bool(classic_fallback))
+    out = Method(m, learned_steps=int(learned_steps), switch_mm=float(switch_mm),
+                 classic_fallback=bool(classic_fallback))
     learned = learned_part(m)
     if learned is None:
         return out
