@@ -883,9 +883,9 @@ def _add_training_parsers(sub) -> None:
                    help="pose error of the PPC losses after the PPC layer: mtre (the paper's, default) or mrpd (the mean "
                         "re-projection distance: what one view observes; depth errors do not dilute it)")
     p.add_argument("--no-evidence", action="store_true",
-                   help="ppc-flow-attention: the attention sees only the paper's geometric point features, not the local "
-                        "matching evidence of each correspondence (gradient agreement, patch correlation, consistency "
-                        "with the other points' motion)")
+                   help="ppc-flow-attention: the attention sees only the paper's geometric point features, not the "
+                        "local matching evidence of each correspondence (gradient agreement, patch correlation, "
+                        "consistency with the other points' motion)")
     p.add_argument("--out-of-plane", type=_nonneg_float("--out-of-plane"),
                    help="damping of the weakly observable directions (depth, rotations about the detector axes) "
                         "in the PPC layer, as the registration's plain solver uses it (default 1; 0 = none)")

@@ -79,7 +79,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              views: ViewSampler | None = None, matchers: Mapping[str, Matcher] | None = None,
              models: Mapping[str, str | Path] | None = None, models_dir: str | Path | None = None,
              learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
-             classic_fallback: bool = True, config: RegistrationConfig | None = None, renderer: DRRRenderer | None = None,
+             classic_fallback: bool = True, config: RegistrationConfig | None = None,
+             renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None) -> dict:
     """Run the evaluation protocol (DESIGN.md §4) on one CT.
@@ -281,7 +282,8 @@ def join_results(results: Sequence[Mapping]) -> dict:
             have = by_seed[seed]
             if abs(float(have["initial_mtre_mm"]) - float(rec["initial_mtre_mm"])) > 1e-6:
                 raise InputError(f"case seed {seed} differs between the evaluations (initial mTRE "
-                                 f"{have['initial_mtre_mm']:.4f} vs {rec['initial_mtre_mm']:.4f} mm): not the same cases")
+                                 f"{have['initial_mtre_mm']:.4f} vs {rec['initial_mtre_mm']:.4f} mm): not the same "
+                                 "cases")
             have["methods"].update(rec["methods"])
     records = [by_seed[s] for s in sorted(by_seed)]
     for rec in records:
@@ -386,8 +388,8 @@ def summary_markdown(result: Mapping) -> str:
     one_only = cfg.get("one_update_only", cfg["iterations"] == 1)
     paired = summ.get("paired") or []
     if paired:
-        lines += ["", "Paired on the same cases, after one update: mean of mTRE(A) − mTRE(B) with its 95 % confidence "
-                  "interval (negative: A better), and the cases where A is lower.", "",
+        lines += ["", "Paired on the same cases, after one update: mean of mTRE(A) − mTRE(B) with its 95 % "
+                  "confidence interval (negative: A better), and the cases where A is lower.", "",
                   "| A | B | mean difference [mm] | 95 % CI | A lower |", "|---|---|---|---|---|"]
         for c in paired:
             lo, hi = c["one_update_diff_ci95"]
@@ -415,8 +417,8 @@ def summary_markdown(result: Mapping) -> str:
                      f"{_fmt(f['mrpd_mean'])} | {_fmt(f.get('iterations_mean', math.nan), 1)} | "
                      f"{_fmt(f['seconds_per_case'], 3)} | {status} |")
     if paired:
-        lines += ["", "Paired on the same cases, final: the cases only A and only B bring below 2 mm, and the two-sided "
-                  "exact sign-test p-value of that split (McNemar).", "",
+        lines += ["", "Paired on the same cases, final: the cases only A and only B bring below 2 mm, and the "
+                  "two-sided exact sign-test p-value of that split (McNemar).", "",
                   "| A | B | < 2 mm only A | only B | p |", "|---|---|---|---|---|"]
         for c in paired:
             lines.append(f"| {c['a']} | {c['b']} | {c['final_only_a']} | {c['final_only_b']} | "

@@ -38,8 +38,9 @@ from .registration import ClassicMatcher, IterationState, Matcher, Registration,
 
 __all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
            "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "normalize_method",
-           "parse_methods", "learned_part", "default_models_dir", "default_model_path", "load_operator", "method_config",
-           "Method", "resolve_method", "PipelineRegistration", "build_registration", "models_from_mapping"]
+           "parse_methods", "learned_part", "default_models_dir", "default_model_path", "load_operator",
+           "method_config", "Method", "resolve_method", "PipelineRegistration", "build_registration",
+           "models_from_mapping"]
 
 CLASSIC = "classic"
 #: ``<learned>+classic`` for every learned operator.
