@@ -75,7 +75,14 @@ def main(paths: list[str]) -> None:
         n_par = sum(p.numel() for p in op.parameters())
         curves = (MODELS / f"{method}.curves.csv").read_text().strip().splitlines()
         last = curves[-1].split(",")[0] if len(curves) > 1 else "?"
-        v = meta.get("validation", {})
+        v = meta.get("validation") or {}
+        if not v and len(curves) > 1:  # the last weights (model_last.pt): the validation of their step
+            import csv
+
+            rows = list(csv.DictReader(curves))
+            last_row = next((r for r in rows if int(float(r["iteration"])) == int(meta.get("iterations", -1))), None)
+            if last_row is not None:
+                v = {k: float(x) for k, x in last_row.items() if k.startswith("val_") and x}
         lines = [
             f"# {TITLES[method]} ({method}.pt)",
             "",
