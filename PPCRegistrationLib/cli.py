@@ -920,6 +920,8 @@ def _add_training_parsers(sub) -> None:
 # ============================================================================= parser
 
 
+_FALLBACK_HELP = ("chained methods: no classic registration from the initial estimate when the learned path's result "
+                  "correlates poorly with the X-ray (only classic's own retry)")
 _METHODS_HELP = ("classic; the learned flow, ppc-flow, ppc-flow-attention (need model files, see `ppcreg train`); "
                  "chained <learned>+classic, e.g. ppc-flow-attention+classic (learned updates, then classic "
                  "refinement)")
@@ -991,9 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
                    help="chained methods: at most this many learned updates before the classic ones (default 1; "
                         "they switch earlier after a learned update below 0.5 mm)")
-    g.add_argument("--no-classic-fallback", action="store_true",
-                   help="chained methods: no classic registration from the initial estimate when the learned path's "
-                        "result correlates poorly with the X-ray (only classic's own retry)")
+    g.add_argument("--no-classic-fallback", action="store_true", help=_FALLBACK_HELP)
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
@@ -1037,9 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the default model files <learned>.pt (default Resources/Models of the repository)")
     g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
                    help="chained methods: at most this many learned updates before the classic ones (default 1)")
-    g.add_argument("--no-classic-fallback", action="store_true",
-                   help="chained methods: no classic registration from the initial estimate when the learned path's "
-                        "result correlates poorly with the X-ray (only classic's own retry)")
+    g.add_argument("--no-classic-fallback", action="store_true", help=_FALLBACK_HELP)
     p.add_argument("--one-update", action="store_true",
                    help="one update per case only (iterations = 1): the paper's Table 1, cheap for many cases")
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")

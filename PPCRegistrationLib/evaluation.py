@@ -285,7 +285,8 @@ def join_results(results: Sequence[Mapping]) -> dict:
                                  f"{have['initial_mtre_mm']:.4f} vs {rec['initial_mtre_mm']:.4f} mm): not the same "
                                  "cases")
             have["methods"].update(rec["methods"])
-    records = [by_seed[s] for s in sorted(by_seed)]
+    seeds = sorted(by_seed)
+    records = [by_seed[s] for s in seeds]
     for rec in records:
         missing = [m for m in methods if m not in rec["methods"]]
         if missing:
@@ -293,7 +294,6 @@ def join_results(results: Sequence[Mapping]) -> dict:
                              "same methods on every case")
     for i, rec in enumerate(records):
         rec["case"] = i
-    seeds = sorted(by_seed)
     config = {**first, "methods": methods, "models": models, "n_cases": len(records), "seed": seeds[0],
               "seeds": seeds if seeds != list(range(seeds[0], seeds[0] + len(seeds))) else None,
               "joined_from": len(results)}

@@ -343,6 +343,17 @@ class FlowNetC(nn.Module):
 
 # ----------------------------------------------------------------------------- PointNet attention
 
+def _centred(x: torch.Tensor, m: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - centre) / r`` for points ``x (B, N, D)`` with weights ``m (B, N)`` (1 = valid, 0 = padding): ``centre``
+    ``(B, D)`` defaults to the masked mean, ``r`` is the masked RMS distance from it (at least 1e-6)."""
+    cnt = m.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1)
+    if centre is None:
+        centre = (x * m[..., None]).sum(1) / cnt
+    r = x - centre[:, None]
+    rad = torch.sqrt(((r * r).sum(-1) * m).sum(1, keepdim=True) / cnt).clamp_min(1e-6)  # (B, 1)
+    return r / rad[..., None]
+
+
 def point_features(uv: torch.Tensor, uv_matched: torch.Tensor, points_3d: torch.Tensor, gradients_3d: torch.Tensor,
                    source: torch.Tensor, centre: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -367,20 +378,10 @@ def point_features(uv: torch.Tensor, uv_matched: torch.Tensor, points_3d: torch.
     dt = points_3d.dtype
     b, n, _ = points_3d.shape
     m = torch.ones(b, n, dtype=dt, device=points_3d.device) if mask is None else mask.to(dt)
-    cnt = m.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1)
     uv, uv_matched, gradients_3d = uv.to(dt), uv_matched.to(dt), gradients_3d.to(dt)
     source = source.to(dt)
-
-    def centred(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        r = x - c[:, None]
-        rad = torch.sqrt(((r * r).sum(-1) * m).sum(1, keepdim=True) / cnt).clamp_min(1e-6)  # (B, 1)
-        return r / rad[..., None]
-
-    c2 = (uv * m[..., None]).sum(1) / cnt
-    if centre is None:
-        centre = (points_3d * m[..., None]).sum(1) / cnt
-    rel2 = centred(uv, c2)
-    rel3 = centred(points_3d, centre.to(dt))
+    rel2 = _centred(uv, m)
+    rel3 = _centred(points_3d, m, None if centre is None else centre.to(dt))
     disp = (uv_matched - uv) / 10.0
     g = gradients_3d / torch.linalg.norm(gradients_3d, dim=-1, keepdim=True).clamp_min(1e-12)
     ray = points_3d - source[:, None]
@@ -430,11 +431,8 @@ def match_evidence(drr_grad: torch.Tensor, xray_grad: torch.Tensor, uv: torch.Te
         c = c - c.mean(-1, keepdim=True)
         ncc = (a * c).sum(-1) / (torch.linalg.norm(a, dim=-1) * torch.linalg.norm(c, dim=-1)).clamp_min(1e-6)
         # the best affine map of the displacements over the valid points (centred, scaled coordinates)
-        cnt = mf.sum(1, keepdim=True).clamp_min(1.0)
-        centre = (uv * mf[..., None]).sum(1, keepdim=True) / cnt[..., None]
-        rel = uv - centre
-        rad = torch.sqrt(((rel * rel).sum(-1) * mf).sum(1, keepdim=True) / cnt).clamp_min(1e-6)
-        design = torch.cat([rel / rad[..., None], torch.ones_like(rel[..., :1])], -1)  # (B, N, 3)
+        rel = _centred(uv, mf)
+        design = torch.cat([rel, torch.ones_like(rel[..., :1])], -1)  # (B, N, 3)
         dw = design * mf[..., None]
         normal = dw.transpose(1, 2) @ design + 1e-3 * torch.eye(3, dtype=dt, device=uv.device)
         disp = uv_matched - uv

@@ -334,14 +334,9 @@ class Registration:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to the initial transform; the history is cleared."""
-        self.T = self.T_init.clone()
-        self.best_T = self.T_init.clone()
-        self.best_similarity = -math.inf
-        self.since_best = 0
+        self._restart_from_initial()
         self.history: list[IterationState] = []
-        self.search_px = float(self.config.search_px)
         self.status = "running"
-        self.damping = float(self.config.damping_initial)
         self.stop_requested = False
         self.refining = False
         self.refine_level = 0
@@ -591,18 +586,21 @@ class Registration:
         2D pre-alignment that stops when the similarity stops improving (``retry_patience``)."""
         return [(False, True, "without the 2D pre-alignment")]
 
-    def _start_attempt(self, prealign: bool, patience: bool) -> None:
-        """Begin the next attempt from the initial estimate."""
-        cfg = self.config
-        self.attempt += 1
-        self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
-        self._attempt_prealign, self._attempt_patience = prealign, patience
+    def _restart_from_initial(self) -> None:
+        """The estimate, best estimate, search range and damping as at the start of a registration."""
         self.T = self.T_init.clone()
         self.best_T = self.T_init.clone()
         self.best_similarity = -math.inf
         self.since_best = 0
-        self.search_px = float(cfg.search_px)
-        self.damping = float(cfg.damping_initial)
+        self.search_px = float(self.config.search_px)
+        self.damping = float(self.config.damping_initial)
+
+    def _start_attempt(self, prealign: bool, patience: bool) -> None:
+        """Begin the next attempt from the initial estimate."""
+        self.attempt += 1
+        self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
+        self._attempt_prealign, self._attempt_patience = prealign, patience
+        self._restart_from_initial()
 
     def _end_attempt(self, similarity: float) -> tuple[str, str]:
         """After the refinement of an attempt: the next attempt from the initial estimate (:meth:`retry_plan`) when
