@@ -353,7 +353,7 @@ def _cmd_register(args) -> int:
         raise InputError(f"the X-ray {xray_path} has {xray.height}x{xray.width} pixels (rows x columns) but the "
                          f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
     cfg = RegistrationConfig(method=method_name, max_iterations=args.iterations, tolerance_mm=args.tolerance,
-                             device=args.device, refine_iterations=args.refine_iterations)
+                             device=args.device, refine_iterations=args.refine_iterations, flow_flips=args.flow_flips)
     method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
                             device=cfg.resolved_device(), learned_steps=args.learned_steps,
                             classic_fallback=not args.no_classic_fallback)
@@ -478,7 +478,8 @@ def _cmd_evaluate(args) -> int:
                       device=args.device, variation=XRayVariation.none() if args.no_variation else None,
                       models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
                       classic_fallback=not args.no_classic_fallback,
-                      config=RegistrationConfig(refine_iterations=args.refine_iterations), progress=not args.quiet)
+                      config=RegistrationConfig(refine_iterations=args.refine_iterations, flow_flips=args.flow_flips),
+                      progress=not args.quiet)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
     _say(paths["summary.md"].read_text(encoding="utf-8"))
@@ -922,6 +923,8 @@ def _add_training_parsers(sub) -> None:
 
 _FALLBACK_HELP = ("chained methods: no classic registration from the initial estimate when the learned path's result "
                   "correlates poorly with the X-ray (only classic's own retry)")
+_FLIPS_HELP = ("learned methods: average the flow over this many mirrorings of the window (default 4: cancels the "
+               "network's mirror-dependent bias; 1 = the network once, as in training)")
 _METHODS_HELP = ("classic; the learned flow, ppc-flow, ppc-flow-attention (need model files, see `ppcreg train`); "
                  "chained <learned>+classic, e.g. ppc-flow-attention+classic (learned updates, then classic "
                  "refinement)")
@@ -994,6 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chained methods: at most this many learned updates before the classic ones (default 1; "
                         "they switch earlier after a learned update below 0.5 mm)")
     g.add_argument("--no-classic-fallback", action="store_true", help=_FALLBACK_HELP)
+    g.add_argument("--flow-flips", type=int, choices=(1, 2, 4), default=4, metavar="{1,2,4}", help=_FLIPS_HELP)
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
@@ -1038,6 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learned-steps", type=_positive_int("--learned-steps"), default=1, metavar="K",
                    help="chained methods: at most this many learned updates before the classic ones (default 1)")
     g.add_argument("--no-classic-fallback", action="store_true", help=_FALLBACK_HELP)
+    g.add_argument("--flow-flips", type=int, choices=(1, 2, 4), default=4, metavar="{1,2,4}", help=_FLIPS_HELP)
     p.add_argument("--one-update", action="store_true",
                    help="one update per case only (iterations = 1): the paper's Table 1, cheap for many cases")
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")

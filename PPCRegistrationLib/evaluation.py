@@ -196,6 +196,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
+                   "flow_flips": int(cfg.flow_flips),
                    "roi": repr(roi) if roi is not None else "whole CT", "one_update_only": int(iterations) == 1,
                    "models": {m: v["file"] for m, v in model_info.items()},
                    "learned_steps": int(learned_steps), "switch_mm": float(switch_mm),

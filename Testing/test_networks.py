@@ -431,3 +431,33 @@ def test_learned_operator_with_evidence_round_trip_and_old_files(tmp_path):
     assert LearnedOperator("ppc-flow", evidence=True).evidence is False  # only the attention uses it
     with pytest.raises(InputError, match="in_features"):
         LearnedOperator("ppc-flow-attention", attention={"in_features": POINT_FEATURES}, evidence=True)
+
+
+def test_mirror_averaged_flow_undoes_each_mirroring():
+    """The mirror-averaged flow equals the mean of four single passes over mirrored *images* (gradients computed
+    after mirroring), each flow mirrored back; one "flip" is the network itself; other counts are refused."""
+    from PPCRegistrationLib.errors import InputError
+    from PPCRegistrationLib.networks import MIRRORINGS, mirror_averaged_flow, network_inputs
+
+    torch.manual_seed(0)
+    net = FlowNetC(stride=8, max_disp=2, channels=8, decoder_channels=(8,), first_channels=4, soft_argmax=True,
+                   refine_strides=(4,)).eval()
+    drr, xray = _smooth_image(40, 48, 1)[None], _smooth_image(40, 48, 2)[None]
+    with torch.no_grad():
+        dg, xg = network_inputs(drr, xray)
+        assert torch.equal(mirror_averaged_flow(net, xg, dg, 1), net(xg, dg)[0])
+        got = mirror_averaged_flow(net, xg, dg, 4)
+        ref = []
+        for fu, fv in MIRRORINGS:
+            dims = [d for d, f in ((2, fu), (1, fv)) if f]
+            d_m, x_m = network_inputs(drr.flip(dims), xray.flip(dims))
+            f = net(x_m, d_m)[0]
+            f = f.flip([d + 1 for d in dims])  # back to the original pixels
+            f = f * torch.tensor([-1.0 if fu else 1.0, -1.0 if fv else 1.0]).view(1, 2, 1, 1)  # and directions
+            ref.append(f)
+        ref = torch.stack(ref).mean(0)
+    # the Gaussian derivative's borders differ by rounding only
+    assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+    assert not torch.allclose(got, net(xg, dg)[0], atol=1e-4)
+    with pytest.raises(InputError, match="flips"):
+        mirror_averaged_flow(net, xg, dg, 3)

@@ -141,7 +141,10 @@ def main(paths: list[str]) -> None:
                 continue
             lines.append(f"`ppcreg evaluate` with {s['n_cases']} cases (seeds {cfg['seed']}..{cfg['seed'] + s['n_cases'] - 1}), "
                          f"initial mTRE in [{cfg['mtre_range'][0]:g}, {cfg['mtre_range'][1]:g}] mm, "
-                         + ("after one update:" if one else f"up to {cfg['iterations']} updates:"))
+                         + ("after one update" if one else f"up to {cfg['iterations']} updates")
+                         + (", the network run once (`--flow-flips 1`, as trained):" if int(cfg.get("flow_flips", 1)) == 1
+                            else f", the flow averaged over {cfg['flow_flips']} mirrorings of the window (`--flow-flips "
+                                 f"{cfg['flow_flips']}`, the default):"))
             lines += ["", "| | mTRE p50 | p75 | p95 | mean ± sd [mm] | reduction factor |", "|---|---|---|---|---|---|",
                       _row("initial", s["initial"], False)]
             key = "one_update" if one else "final"
