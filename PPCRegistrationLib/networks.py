@@ -187,10 +187,11 @@ def mirror_averaged_flow(flow_net: "FlowNetC", xray_grad: torch.Tensor, drr_grad
     """Dense flow of ``flow_net`` averaged over mirrorings of the detector (test-time augmentation).
 
     The encoder samples its stride-s grid at pixels ``s * j``; mirroring a window of W pixels maps them to
-    ``W - 1 - s * j``, another phase of the grid (W - 1 is never a multiple of s), so a network trained with
-    mirrored samples keeps a bias of a few tenths of a pixel that changes sign with the mirror (measured on the
-    chest validation samples, flows under 2 px: (-0.39, -0.24) px; mirrored left-right (+0.42, -0.31)). The mean
-    over the mirrorings cancels it and averages out part of the noise (validation EPE 9.22 -> 8.46 px with four).
+    ``W - 1 - s * j``, another phase of the grid (for an even W, as the 128-pixel training windows, W - 1 is no
+    multiple of s), so a network trained with mirrored samples keeps a bias of a few tenths of a pixel that changes
+    sign with the mirror (measured on the chest validation samples, flows under 2 px: (-0.39, -0.24) px; mirrored
+    left-right (+0.42, -0.31)). The mean over the mirrorings cancels it and averages out part of the noise
+    (validation EPE 9.22 -> 8.46 px with four).
 
     Args:
         flow_net: a :class:`FlowNetC`.

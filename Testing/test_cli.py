@@ -313,12 +313,13 @@ def test_register_unknown_method_and_missing_or_corrupt_model(capsys, lumbar_cas
 def test_register_chained_method_with_a_model_file(capsys, lumbar_case, untrained_models, tmp_path):
     model = untrained_models / "ppc-flow-attention.pt"
     code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "reg"), "--method",
-                         "ppc-flow-attention+classic", "--model", model, "--learned-steps", "1")
+                         "ppc-flow-attention+classic", "--model", model, "--learned-steps", "1", "--flow-flips", "2")
     assert code == 0, err
     assert f"model {model}" in out and "iteration   1  ppc-flow-attention" in out
     assert "iteration   2  classic" in out
     res = formats.load_result(tmp_path / "reg" / "result.json")
     assert res.method == "ppc-flow-attention+classic" and res.config["model"] == str(model)
+    assert res.config["registration"]["flow_flips"] == 2
     ops = res.config["operators"]
     n_ppc = len(ops) - ops.count("refine")
     assert ops[:n_ppc] == ["ppc-flow-attention"] + ["classic"] * (n_ppc - 1) and ops.count("refine") in (0, 3)
@@ -336,6 +337,7 @@ def test_evaluate_learned_methods_comma_separated(capsys, lumbar_ct_path, lumbar
     summary = json.loads((out_dir / "summary.json").read_text())
     assert list(summary["methods"]) == ["classic", "flow", "ppc-flow"]
     assert summary["config"]["iterations"] == 1 and summary["config"]["one_update_only"]
+    assert summary["config"]["flow_flips"] == 4  # the default: the learned flow averaged over four mirrorings
     for m in ("classic", "flow", "ppc-flow"):
         assert set(SUMMARY_KEYS) <= set(summary["methods"][m]["one_update"])
     md = (out_dir / "summary.md").read_text()

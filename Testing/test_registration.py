@@ -111,6 +111,8 @@ def test_bad_input_gives_clear_errors(lumbar):
         Registration(ct, case.xray, case.projection, torch.eye(3), roi, **kw)
     with pytest.raises(InputError, match="learned"):
         Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(method="ppc_flow"), **kw)
+    with pytest.raises(InputError, match="flow_flips must be 1, 2 or 4"):
+        RegistrationConfig(flow_flips=3)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="cuda"):
             RegistrationConfig(device="cuda").resolved_device()
