@@ -170,11 +170,25 @@ class PoseRefiner:
         drr = self.renderer.render(self._sub, Tp[None])
         g = image_gradient(drr, sigma_px=math.sqrt(self.sigma ** 2 + self.blur ** 2))
         g = highpass(g, self.highpass)[:, :, pad:pad + wh, pad:pad + ww]
+        if not bool(g.detach().abs().amax() > 0):
+            # the CT does not project into the window: a flat DRR correlates with nothing, and its normalisation
+            # has no gradient (0 / 0); see objective
+            return torch.zeros((), dtype=torch.float64, device=g.device)
         return gradient_correlation(g, self._xg)[0]
 
     def _pose(self, d: torch.Tensor) -> torch.Tensor:
         c = self._centre
         return translation_matrix(c) @ se3_exp(d * self._scale) @ translation_matrix(-c) @ self.T0
+
+    def objective(self, d: torch.Tensor) -> torch.Tensor:
+        """The minimised loss at the pose increment ``d (6,)`` (scaled se(3) about the points' centre): minus
+        the gradient correlation, differentiable in ``d``. A trial pose of the line search that moves the CT out of
+        the window renders an empty, flat DRR: its loss is then 0 (no correlation) with a zero gradient, so the line
+        search steps back instead of failing."""
+        sim = self._sim(self._pose(d))
+        if not sim.requires_grad and d.requires_grad:
+            sim = sim + 0.0 * d.sum()
+        return -sim
 
     def advance(self, iterations: int | None = None, should_stop: Callable[[], bool] | None = None) -> bool:
         """Run up to ``iterations`` more L-BFGS iterations (default: all that are left); returns :attr:`done`."""
@@ -190,7 +204,7 @@ class PoseRefiner:
             if should_stop is not None and should_stop():
                 raise _Stopped
             opt.zero_grad()
-            loss = -self._sim(self._pose(self._dv))
+            loss = self.objective(self._dv)
             if not torch.isfinite(loss):
                 raise FloatingPointError("the gradient correlation is not finite")
             loss.backward()

@@ -9,7 +9,7 @@ import torch
 from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.geometry import invert_rigid, rotation_angle_deg, se3_exp, translation_matrix
 from PPCRegistrationLib.metrics import mrpd, mtre
-from PPCRegistrationLib.refine import gradient_correlation, highpass, refine_pose
+from PPCRegistrationLib.refine import PoseRefiner, gradient_correlation, highpass, refine_pose
 from PPCRegistrationLib.registration import REFINE, Registration, RegistrationConfig
 from PPCRegistrationLib.simulation import XRayVariation, make_case
 
@@ -86,6 +86,23 @@ def test_refine_pose_keeps_a_correct_pose_and_stops_on_request(lumbar):
     stopped = refine_pose(renderer, case.xray, case.projection, case.T_init, pts, should_stop=lambda: True)
     assert not stopped.accepted and "stopped on request" in stopped.message
     assert torch.equal(stopped.T, case.T_init.to(stopped.T))
+
+
+def test_a_trial_pose_that_leaves_the_window_is_a_flat_loss_not_a_failure(lumbar):
+    """L-BFGS's line search may try a pose that moves the CT out of the refinement window (seen on lumbar case 258
+    from [0, 45] mm, where it made the whole registration fail): the DRR there is empty and does not depend on the
+    pose. Its loss is 0 (no correlation) with a zero gradient, and the refinement goes on."""
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    case = make_case(renderer, pts, 3, (0, 1), variation=XRayVariation.none())
+    ref = PoseRefiner(renderer, case.xray, case.projection, case.T_gt, pts, iterations=3)
+    d = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    near = ref.objective(d)
+    assert float(near) < -0.3  # the true pose correlates
+    far = torch.tensor([0.0, 0.0, 0.0, 400.0, 400.0, 0.0], dtype=torch.float64, requires_grad=True)  # 800 mm
+    loss = ref.objective(far)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(far.grad, torch.zeros(6, dtype=torch.float64))
 
 
 def test_refine_pose_bad_input(lumbar):
