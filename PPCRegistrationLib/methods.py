@@ -37,9 +37,9 @@ from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator
 from .registration import ClassicMatcher, IterationState, Matcher, Registration, RegistrationConfig
 
 __all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
-           "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "normalize_method",
-           "parse_methods", "learned_part", "default_models_dir", "default_model_path", "load_operator",
-           "method_config", "Method", "resolve_method", "PipelineRegistration", "build_registration",
+           "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "learned_config",
+           "normalize_method", "parse_methods", "learned_part", "default_models_dir", "default_model_path",
+           "load_operator", "method_config", "Method", "resolve_method", "PipelineRegistration", "build_registration",
            "models_from_mapping"]
 
 CLASSIC = "classic"
@@ -187,6 +187,14 @@ def method_config(method: str, base: RegistrationConfig | None = None,
                    min_search_px=s, refine_iterations=0, window_px=int(window_px))
 
 
+def learned_config(operator: LearnedOperator, base: RegistrationConfig | None = None,
+                   pixel_spacing_mm: float | None = None) -> RegistrationConfig:
+    """The settings of ``operator``'s updates (:func:`method_config`) with its reach (:func:`learned_search_px`)
+    and training window (:func:`learned_window_px`) on a detector of ``pixel_spacing_mm``."""
+    return method_config(operator.method, base, learned_search_px(operator, pixel_spacing_mm),
+                         learned_window_px(operator, pixel_spacing_mm))
+
+
 @dataclass
 class Method:
     """A resolved method: its name and, for learned and chained methods, the loaded operator.
@@ -229,8 +237,7 @@ class Method:
         reach on a detector of ``pixel_spacing_mm``."""
         if self.operator is None:
             return method_config(self.name, base)
-        return method_config(self.name, base, learned_search_px(self.operator, pixel_spacing_mm),
-                             learned_window_px(self.operator, pixel_spacing_mm))
+        return learned_config(self.operator, base, pixel_spacing_mm)
 
     def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
                      T_gt=None, surface=None, renderer=None) -> Registration:
@@ -324,9 +331,7 @@ class PipelineRegistration(Registration):
             raise InputError("a chained registration needs a LearnedOperator (see resolve_method)")
         base = config or RegistrationConfig()
         self.pipeline_config = replace(base, method=f"{operator.method}+{CLASSIC}")
-        spacing = float(projection.pixel_spacing[0, 0])
-        self.learned_config = method_config(operator.method, base, learned_search_px(operator, spacing),
-                                            learned_window_px(operator, spacing))
+        self.learned_config = learned_config(operator, base, float(projection.pixel_spacing[0, 0]))
         self.classic_config = method_config(CLASSIC, base)
         self.learned_steps = int(learned_steps)
         self.switch_mm = float(switch_mm)

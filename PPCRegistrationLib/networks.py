@@ -765,6 +765,7 @@ class LearnedMatcher:
         p = next(self.flow_net.parameters())
         dev = p.device
         m = mask.to(dev, torch.bool)
+        flips = int(context.get("flow_flips", 1))
         if self.attention is not None:
             missing = [k for k in ("points_3d", "gradients_3d", "source") if k not in context]
             if missing:
@@ -777,13 +778,12 @@ class LearnedMatcher:
             f = self.operator.factor_for(context.get("pixel_spacing_mm"))
             out = self.operator(drr.reshape(1, *drr.shape[-2:]), xray.reshape(1, *xray.shape[-2:]), uv, m,
                                 context.get("points_3d"), context.get("gradients_3d"), context.get("source"),
-                                context.get("centre"), factor=f, flips=int(context.get("flow_flips", 1)))
+                                context.get("centre"), factor=f, flips=flips)
             h, w = drr.shape[-2:]
             uv_m, dp, weights = out["uv_matched"], out["flow"], out["weights"]
         else:
             h, w = drr_grad.shape[-2:]
-            flow = mirror_averaged_flow(self.flow_net, xray_grad.to(dev), drr_grad.to(dev),
-                                        int(context.get("flow_flips", 1)))
+            flow = mirror_averaged_flow(self.flow_net, xray_grad.to(dev), drr_grad.to(dev), flips)
             uv_n = uv.to(dev, p.dtype)
             dp = sample_flow(flow, uv_n)
             uv_m = uv_n + dp

@@ -173,7 +173,7 @@ class PoseRefiner:
         if not bool(g.detach().abs().amax() > 0):
             # the CT does not project into the window: a flat DRR correlates with nothing, and its normalisation
             # has no gradient (0 / 0); see objective
-            return torch.zeros((), dtype=torch.float64, device=g.device)
+            return g.new_zeros(())
         return gradient_correlation(g, self._xg)[0]
 
     def _pose(self, d: torch.Tensor) -> torch.Tensor:
