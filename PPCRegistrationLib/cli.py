@@ -514,8 +514,30 @@ def _median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) ->
     return statistics.median(times)
 
 
+def _cmd_bench_peer(args) -> int:
+    """``bench --peer``: the side-by-side benchmark of :mod:`PPCRegistrationLib.peer` (table + peer.json)."""
+    from .peer import PEERS, DiffDRRRecipe, benchmark, format_table
+
+    if args.peer not in PEERS:
+        raise InputError(f"unknown peer {args.peer!r}: --peer takes one of {', '.join(PEERS)}")
+    if not args.out:
+        raise InputError("--peer needs --out DIR, the folder of peer.json")
+    recipe = DiffDRRRecipe(iterations_per_scale=args.peer_iterations)
+    ct, roi, desc = _load_ct_and_roi(args)
+    report = benchmark(ct, roi, out_dir=args.out, peer=args.peer, n_cases=args.cases, seed=args.seed,
+                       mtre_range=_mtre_range(args), recipe=recipe, surface=_surface(ct, roi), cache_dir=args.cache,
+                       timing_repeats=args.repeats, description=desc)
+    _say(format_table(report))
+    _say(f"  peer.json: {Path(args.out).expanduser() / 'peer.json'}")
+    return EXIT_OK
+
+
 def _cmd_bench(args) -> int:
     torch = _torch()
+    if not args.ct and not args.sample:
+        args.sample = True
+    if args.peer is not None:
+        return _cmd_bench_peer(args)
     from .drr import DRRRenderer, image_gradient
     from .features import contour_mask, project_normals
     from .geometry import transform_points
@@ -524,8 +546,6 @@ def _cmd_bench(args) -> int:
     from .registration import Registration, RegistrationConfig, crop_projection
     from .simulation import ViewSampler, make_case
 
-    if not args.ct and not args.sample:
-        args.sample = True
     ct, roi, desc = _load_ct_and_roi(args)
     cfg = RegistrationConfig(device=args.device)
     dev = cfg.resolved_device()
@@ -1075,6 +1095,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-repeats", type=_positive_int("--reference-repeats"), default=1,
                    help="runs of the slow reference renderer per size and view (default 1)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
+    g = p.add_argument_group("side by side with another tool (--peer; installs it into its own environment once)")
+    g.add_argument("--peer", metavar="{diffdrr}", help="compare with DiffDRR 0.6.1: DRR agreement and speed, and "
+                                                       "its registration recipe on the same simulated cases")
+    g.add_argument("--out", metavar="DIR", help="with --peer: output folder of peer.json")
+    g.add_argument("--cases", type=_positive_int("--cases"), default=10, help="with --peer: cases (default 10)")
+    g.add_argument("--mtre-range", nargs=2, type=float, default=[0.0, 20.0], metavar=("LO", "HI"),
+                   help="with --peer: initial mTRE range (mm, default 0 20)")
+    g.add_argument("--seed", type=int, default=0, help="with --peer: seed of the first case (default 0)")
+    g.add_argument("--peer-iterations", type=_positive_int("--peer-iterations"), default=50, metavar="K",
+                   help="with --peer: DiffDRR's Adam iterations per detector scale (default 50)")
     p.set_defaults(func=_cmd_bench)
     _add_training_parsers(sub)
     return parser
