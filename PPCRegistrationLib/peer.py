@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, PPCError
+from .errors import InputError
 from .geometry import Projection, invert_rigid, rigid, translation_matrix
 
 __all__ = ["PEERS", "DIFFDRR_VERSION", "REQUIREMENTS", "DiffDRRRecipe", "PeerEnv", "PeerError", "read_pins",
