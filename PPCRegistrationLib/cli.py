@@ -7,7 +7,7 @@ Subcommands (``ppcreg <command> --help`` for the options of each):
   estimate with a chosen initial mTRE.
 * ``register``: register a CT to an X-ray from an initial estimate; writes ``result.json``,
   ``transform.json`` and ``overlay.png``.
-* ``evaluate``: the evaluation protocol of DESIGN.md §4 (:mod:`PPCRegistrationLib.evaluation`).
+* ``evaluate``: the evaluation protocol of docs/design.md §6 (:mod:`PPCRegistrationLib.evaluation`).
 * ``bench``: timings of the DRR renderer and of the stages of one classic update step.
 * ``make-dataset``: generate (or resume) a split of the learned operator's training data (docs/dataset.md).
 * ``train``: train a learned update operator (also under ``torchrun`` on several GPUs/nodes).
@@ -63,28 +63,16 @@ def _flip_matrix():
 
 def _transform_to_lps(rec, path: str):
     """A TransformRecord's matrix in LPS (the CT's frame as read from file)."""
-    frame = rec.frame.strip().upper()
-    if frame == "LPS":
-        return rec.matrix
-    if frame == "RAS":
-        f = _flip_matrix()
-        return f @ rec.matrix @ f
-    raise InputError(f"{path}: transform frame {rec.frame!r} is not supported; use 'LPS' or 'RAS'")
+    from .formats import transform_in_lps
+
+    return transform_in_lps(rec, path)
 
 
 def _geometry_to_lps(rec, path: str):
     """A GeometryRecord's projection in LPS (converted when its C-arm record says RAS)."""
-    from dataclasses import replace
+    from .formats import projection_in_lps
 
-    frame = (rec.carm.frame if rec.carm is not None and rec.carm.frame else "LPS").strip().upper()
-    if frame == "LPS":
-        return rec.projection
-    if frame == "RAS":
-        torch = _torch()
-        f3 = torch.diag(torch.tensor(_FLIP, dtype=torch.float64))
-        p = rec.projection
-        return replace(p, R=p.R @ f3)
-    raise InputError(f"{path}: geometry frame {rec.carm.frame!r} is not supported; use 'LPS' or 'RAS'")
+    return projection_in_lps(rec, path)
 
 
 def _check_file(path: str | None, what: str) -> str | None:
@@ -118,8 +106,14 @@ def _nonneg_int(name: str) -> Callable[[str], int]:
     return _int_at_least(name, 0, "0 or more")
 
 
-_REFINE_HELP = ("L-BFGS iterations per scale of the intensity refinement (gradient correlation of DRR and X-ray over "
-                "the pose) after the classic PPC updates; 0 = off (default 20)")
+def _refine_default() -> int:
+    from .refine import DEFAULT_ITERATIONS
+
+    return DEFAULT_ITERATIONS
+
+
+_REFINE_HELP = ("Levenberg-Marquardt iterations per scale of the intensity refinement (gradient correlation of DRR and "
+                "X-ray over the pose) after the classic PPC updates; 0 = off (default %(default)s)")
 
 
 def _nonneg_float(name: str) -> Callable[[str], float]:
@@ -631,28 +625,37 @@ def _cmd_bench(args) -> int:
     for name, fn in stages:
         _say(f"{name:<40} {_median_ms(fn, reps, sync):>12.2f}")
 
-    # the intensity refinement that ends a classic registration: one render with gradients, and a whole scale
-    from .geometry import se3_exp
-    from .refine import refine_pose
+    # the intensity refinement that ends a classic registration: one batch of seven DRRs (one Levenberg-Marquardt
+    # iteration) per scale, and the whole refinement from the case's initial estimate
+    from .refine import PoseRefiner, refine_pose
 
     evals: list[int] = []
 
-    def one_scale():
-        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=(cfg.refine_sigmas_px[-1],),
-                        iterations=cfg.refine_iterations, highpass_px=cfg.refine_highpass_px,
-                        blur_px=cfg.refine_blur_px, margin_px=cfg.window_margin_px)
+    def whole_refinement():
+        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine_sigmas_px,
+                        grids_px=cfg.refine_grids_px, iterations=cfg.refine_iterations,
+                        highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px, margin_px=cfg.window_margin_px)
         evals.append(r.evaluations)
 
-    def one_render_with_gradient():
-        d = torch.zeros(6, dtype=torch.float64, device=T.device, requires_grad=True)
-        renderer.render(sub, (se3_exp(d) @ T)[None]).sum().backward()
-
     _say("")
-    _say(f"intensity refinement (refine.refine_pose, {cfg.refine_iterations} L-BFGS iterations per scale, "
-         f"{len(cfg.refine_sigmas_px)} scales)")
-    _say(f"{'render + backward (DRR window)':<40} {_median_ms(one_render_with_gradient, reps, sync):>12.2f}")
-    t_scale = _median_ms(one_scale, reps, sync)
-    _say(f"{'one scale (' + str(int(statistics.median(evals))) + ' renders)':<40} {t_scale:>12.2f}")
+    _say(f"intensity refinement (refine.refine_pose: {cfg.refine_iterations} Levenberg-Marquardt iterations per scale "
+         f"at most, scales {cfg.refine_sigmas_px} px on grids {cfg.refine_grids_px})")
+    for sigma, grid in zip(cfg.refine_sigmas_px, cfg.refine_grids_px):
+        pr = PoseRefiner(renderer, reg.xray, reg.projection, T, P0, sigma_px=sigma, grid_px=grid, iterations=1)
+        _say(f"{f'one iteration at {sigma:g} px (7 DRRs, grid {grid})':<40} "
+             f"{_median_ms(lambda: pr._linearise(pr._d), reps, sync):>12.2f}")
+    t_all = _median_ms(whole_refinement, reps, sync)
+    _say(f"{'whole refinement (' + str(int(statistics.median(evals))) + ' DRRs)':<40} {t_all:>12.2f}")
+
+    # the whole classic registration of the same case: pre-alignment, PPC updates, refinement, restarts
+    updates: list[int] = []
+
+    def whole_registration():
+        updates.append(Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, surface=surface,
+                                    renderer=renderer).run().iterations)
+
+    t_reg = _median_ms(whole_registration, reps, sync)
+    _say(f"{'whole registration (' + str(int(statistics.median(updates))) + ' updates)':<40} {t_reg:>12.2f}")
     return EXIT_OK
 
 
@@ -1022,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05,
                    help="stop when an update moves the targets by less than this (mm, default 0.05)")
-    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=20, metavar="N",
+    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=_refine_default(),
+                   metavar="N",
                    help=_REFINE_HELP)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -1031,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlay.png shows the whole detector (default: cropped to the region of interest)")
     p.set_defaults(func=_cmd_register)
 
-    p = sub.add_parser("evaluate", help="evaluation protocol on simulated cases (DESIGN.md §4)",
+    p = sub.add_parser("evaluate", help="evaluation protocol on simulated cases (docs/design.md §6)",
                        description="Simulate N cases (seeds SEED..SEED+N-1) and register each with every method "
                                    "(the same cases for all); report the mTRE after one update (Table 1 of the "
                                    "paper) and after the iterative registration. Writes cases.json, cases.csv, "
@@ -1047,7 +1051,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive_int("--iterations"), default=30,
                    help="maximum number of updates (default 30)")
     p.add_argument("--tolerance", type=_nonneg_float("--tolerance"), default=0.05, help="mm (default 0.05)")
-    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=20, metavar="N",
+    p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=_refine_default(),
+                   metavar="N",
                    help=_REFINE_HELP)
     g = p.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", default=["classic"], metavar="M",

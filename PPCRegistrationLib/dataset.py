@@ -1,4 +1,4 @@
-"""Training data for the learned update operator (DESIGN.md §3-4): simulated samples cached on disk.
+"""Training data for the learned update operator (docs/design.md §3, §6): simulated samples cached on disk.
 
 A *sample* is one update problem: a random C-arm view of one vertebra, the X-ray simulated at the ground truth
 ``T_gt`` (with the realistic variation of :mod:`PPCRegistrationLib.simulation`), the DRR rendered at a random
@@ -52,7 +52,7 @@ from .errors import InputError
 from .features import SurfacePoints, contour_mask, extract_surface_points
 from .geometry import Projection, invert_rigid, transform_points
 from .metrics import mtre
-from .registration import crop_projection
+from .geometry import crop_projection
 from .simulation import ViewSampler, XRayVariation, _uniform, random_initial_transform, simulate_xray
 from .volume import Volume
 

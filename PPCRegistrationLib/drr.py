@@ -1,6 +1,6 @@
 """Digitally reconstructed radiographs (DRRs): line integrals of attenuation through a (moved) CT.
 
-Conventions (DESIGN.md §2, :mod:`.geometry`):
+Conventions (docs/design.md §2, :mod:`.geometry`):
 
 * The CT moved by a rigid ``T`` (``x' = T x``) seen by a camera ``P = K [R | t]`` gives the same image as the
   fixed CT seen by ``P T``: the renderers never resample the volume, they move the rays into the CT's frame.

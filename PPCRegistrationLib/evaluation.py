@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md §4 (Table 1 and Fig. 2 of the paper, plus the iterated registration).
+"""The evaluation protocol of docs/design.md §6 (Table 1 and Fig. 2 of the paper, plus the iterated registration).
 
 :func:`evaluate` simulates ``n_cases`` reproducible cases of one CT (case ``i`` uses the seed ``seed + i``:
 a random C-arm view, an X-ray simulated at the ground truth with appearance variation, a random initial
@@ -10,7 +10,7 @@ the iterative registration, the number of iterations, the wall time and the fina
 ``summary.json``, ``summary.md`` and the scatter plots ``scatter_one_update.png`` / ``scatter_final.png``.
 
 The mTRE targets are the surface points of the region of interest (the same point set for "before" and
-"after", DESIGN.md §2).
+"after", docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None) -> dict:
-    """Run the evaluation protocol (DESIGN.md §4) on one CT.
+    """Run the evaluation protocol (docs/design.md §6) on one CT.
 
     Args:
         ct: the CT (HU).

@@ -1,4 +1,4 @@
-"""3D features of the CT and their 2D counterparts (DESIGN.md §3).
+"""3D features of the CT and their 2D counterparts (docs/design.md §3).
 
 * :func:`extract_surface_points` -- initialisation step 1: bone surface points ``w_i`` of the region of
   interest and the 3D CT gradient ``g_i`` there (3D Canny edges, restricted to bone and to the ROI, sub-voxel
@@ -119,7 +119,7 @@ def extract_surface_points(volume: Volume, roi: ROI | None = None, *, bone_thres
                            sigma_mm: float = 1.0, budget: int = 2000, roi_margin_mm: float = 5.0, seed: int = 0,
                            canny_thresholds_hu_per_mm: tuple[float, float] = (15.0, 40.0),
                            subvoxel: bool = True) -> SurfacePoints:
-    """Bone surface points of the CT in the region of interest (DESIGN.md §3, initialisation step 1).
+    """Bone surface points of the CT in the region of interest (docs/design.md §3, initialisation step 1).
 
     1. The CT is cropped to the ROI (dilated by ``roi_margin_mm``) plus a border for the filters.
     2. 3D Canny edges (SimpleITK ``CannyEdgeDetectionImageFilter``, Gaussian variance ``sigma_mm**2``,
@@ -265,7 +265,7 @@ def _batched(x: torch.Tensor, b: int) -> torch.Tensor:
 
 def contour_mask(points: torch.Tensor, gradients: torch.Tensor, source: torch.Tensor, T: torch.Tensor,
                  theta_deg: float = 5.0) -> torch.Tensor:
-    """Contour (silhouette) points of the moved CT (DESIGN.md §3, update step 2).
+    """Contour (silhouette) points of the moved CT (docs/design.md §3, update step 2).
 
     A point is on the contour when its rotated gradient is nearly perpendicular to the viewing ray from the
     source through the moved point: ``|g^ . r^| < sin(theta) = cos(90 deg - theta)``.

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -430,3 +430,30 @@ def load_result(path: str | Path) -> ResultRecord:
     if not isinstance(config, dict):
         raise InputError(f"{path}: 'config' must be an object")
     return ResultRecord(final, initial, method, frame, history, metrics, config)
+
+
+#: diagonal of the LPS <-> RAS flip (x and y change sign)
+_LPS_RAS = (-1.0, -1.0, 1.0)
+
+
+def transform_in_lps(record: TransformRecord, path: Any = "transform") -> torch.Tensor:
+    """The ``(4, 4)`` matrix of a transform record in LPS (the CT's frame as SimpleITK reads it), converted when the
+    record says RAS (written from Slicer)."""
+    frame = record.frame.strip().upper()
+    if frame == "LPS":
+        return record.matrix
+    if frame == "RAS":
+        f = torch.diag(torch.tensor(_LPS_RAS + (1.0,), dtype=torch.float64))
+        return f @ record.matrix @ f
+    raise InputError(f"{path}: transform frame {record.frame!r} is not supported; use 'LPS' or 'RAS'")
+
+
+def projection_in_lps(record: GeometryRecord, path: Any = "geometry") -> Projection:
+    """The C-arm of a geometry record in LPS, converted when its C-arm parameters say RAS."""
+    frame = (record.carm.frame if record.carm is not None and record.carm.frame else "LPS").strip().upper()
+    if frame == "LPS":
+        return record.projection
+    if frame == "RAS":
+        f3 = torch.diag(torch.tensor(_LPS_RAS, dtype=torch.float64))
+        return replace(record.projection, R=record.projection.R @ f3)
+    raise InputError(f"{path}: geometry frame {record.carm.frame!r} is not supported; use 'LPS' or 'RAS'")

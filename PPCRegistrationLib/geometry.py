@@ -1,4 +1,4 @@
-"""C-arm projection geometry and rigid transforms (DESIGN.md §2).
+"""C-arm projection geometry and rigid transforms (docs/design.md §2).
 
 Conventions:
 
@@ -149,7 +149,7 @@ def rotate_vectors(T: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def centred_update(dv: torch.Tensor, centre: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """``T_new = C exp(dv) C^-1 T`` with C the translation to ``centre`` (DESIGN.md §2).
+    """``T_new = C exp(dv) C^-1 T`` with C the translation to ``centre`` (docs/design.md §2).
 
     Args:
         dv: ``(B, 6)`` twist (rad, mm) expressed in coordinates centred on ``centre``.
@@ -373,3 +373,26 @@ def carm_pose(primary_deg: float | torch.Tensor, secondary_deg: float | torch.Te
     z = rot[:, :, 2]
     source = iso - sid[:, None] * z
     return rigid(rot, source)
+
+
+def crop_projection(proj: Projection, u0: int, v0: int, width: int, height: int) -> Projection:
+    """The same C-arm restricted to the detector window starting at pixel (u0, v0) of size width x height."""
+    K = proj.K.clone()
+    K[:, 0, 2] -= u0
+    K[:, 1, 2] -= v0
+    return replace(proj, K=K, width=int(width), height=int(height))
+
+
+def coarsen_projection(proj: Projection, factor: int) -> Projection:
+    """The same C-arm sampled on a detector grid ``factor`` times coarser: rendered pixel ``(j, i)`` is detector
+    pixel ``(factor j, factor i)`` (its centre), ``ceil(width / factor) x ceil(height / factor)`` pixels of
+    ``factor`` times the spacing."""
+    f = int(factor)
+    if f < 1:
+        raise InputError(f"the detector grid factor must be a whole number >= 1, got {factor}")
+    if f == 1:
+        return proj
+    K = proj.K.clone()
+    K[:, :2] = K[:, :2] / f
+    return replace(proj, K=K, width=-(-proj.width // f), height=-(-proj.height // f),
+                   pixel_spacing=proj.pixel_spacing * f)

@@ -1,6 +1,6 @@
 """Reading and writing CT volumes, label maps and X-ray images (SimpleITK underneath).
 
-Conventions (DESIGN.md §2):
+Conventions (docs/design.md §2):
 
 * A CT comes back as a :class:`~PPCRegistrationLib.volume.Volume`: ``data`` float32 ``(K, J, I)`` exactly as
   SimpleITK's ``GetArrayFromImage`` gives it, ``ijk_to_world`` float64 ``(4, 4)`` built from the file's

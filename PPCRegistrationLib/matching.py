@@ -1,4 +1,4 @@
-"""Classic 2D matching of contour points (DESIGN.md §3, update steps 4 and 5).
+"""Classic 2D matching of contour points (docs/design.md §3, update steps 4 and 5).
 
 For every contour point p_i (projected into the DRR) the DRR gradient, projected on the 2D normal n_i, is
 sampled on a short profile (optionally a thin patch of parallel profiles) centred on p_i.  That template is

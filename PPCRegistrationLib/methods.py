@@ -1,5 +1,5 @@
 """Registration methods by name: the classic PPC operator, the three learned operators of the paper, and the
-chained pipelines ``<learned>+classic`` (DESIGN.md §1: "iterate the operator or chain several operators").
+chained pipelines ``<learned>+classic`` (docs/design.md §1: "iterate the operator or chain several operators").
 
 =============================== ===========================================================================
 ``classic``                     classic matching along the normals, robust solver, global 2D pre-alignment

@@ -1,4 +1,4 @@
-"""Registration error measures (DESIGN.md §2 and §4): mTRE, mRPD, reduction factor, summaries."""
+"""Registration error measures (docs/design.md §2 and §6): mTRE, mRPD, reduction factor, summaries."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def mrpd(T_est: torch.Tensor, T_gt: torch.Tensor, targets: torch.Tensor, proj: P
 
 
 def reduction_factor(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """``1 - after / before`` where the error decreased, 0 where it grew (DESIGN.md §1)."""
+    """``1 - after / before`` where the error decreased, 0 where it grew (docs/design.md §1)."""
     rf = 1 - after / before.clamp_min(1e-12)
     return torch.where(after < before, rf, torch.zeros_like(rf))
 

@@ -1,4 +1,4 @@
-"""The learned operator of DESIGN.md §3: a small FlowNetC for the 2D matching, PointNet attention for the
+"""The learned operator of docs/design.md §3: a small FlowNetC for the 2D matching, PointNet attention for the
 weights, a :class:`~PPCRegistrationLib.registration.Matcher` built from them, and a checked model file format.
 
 Conventions used throughout:
@@ -33,7 +33,7 @@ __all__ = [
     "mirror_averaged_flow", "MIRRORINGS",
 ]
 
-#: the three learned models of DESIGN.md §3 (one code path, :class:`LearnedOperator`).
+#: the three learned models of docs/design.md §3 (one code path, :class:`LearnedOperator`).
 LEARNED_METHODS = ("flow", "ppc-flow", "ppc-flow-attention")
 #: a FlowNetC small enough to train on a CPU (0.30 s per batch of 16 at 128 x 128 on one core; 0.14 M
 #: parameters); its correlation reaches +-32 network pixels.

@@ -1,4 +1,4 @@
-"""The Point-to-Plane Correspondence solve (DESIGN.md §3 step 6): a differentiable, batched weighted least
+"""The Point-to-Plane Correspondence solve (docs/design.md §3 step 6): a differentiable, batched weighted least
 squares for the rigid update, usable as a *known operator* inside a network.
 
 For every contour point w_i (moved by the current estimate, mm) with 3D gradient g_i and its matched detector

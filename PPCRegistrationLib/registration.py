@@ -1,9 +1,9 @@
-"""The registration loop (DESIGN.md §3): iterate the PPC update operator from T_init.
+"""The registration loop (docs/design.md §4): the stages of a registration from T_init, one update at a time.
 
-Every iteration renders the DRR at the current estimate (only in a detector window around the region of
-interest), selects contour points, finds their correspondences in the X-ray (classic matching, or a learned
-operator plugged in through :class:`Matcher`), solves the weighted PPC system with robust re-weighting and
-applies the centred rigid update.  The loop keeps the history and the best estimate, stops on convergence,
+The stages: the 2D pre-alignment (:mod:`.prealign`) before the first update; PPC updates (every one renders the DRR
+at the current estimate in a detector window around the region of interest, selects contour points and calls the
+update operator :func:`~.update.ppc_update` with a matcher of :mod:`.matchers` or a learned one and a solver of
+:mod:`.solvers`, under Levenberg–Marquardt control); the intensity refinement; restarts.  The loop keeps the history and the best estimate, stops on convergence,
 on a stop request, or on divergence (then it falls back to the best estimate), and can be reset.
 
 When the PPC updates are done, the intensity refinement (:mod:`PPCRegistrationLib.refine`, one update per
@@ -18,253 +18,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Protocol
+from dataclasses import replace
+from typing import Callable
 
 import torch
 
-from .devices import resolve_device
+from .config import (REFINE, STATUSES, IterationState, RegistrationConfig, RegistrationResult,  # noqa: F401
+                     Status)
 from .drr import DRRRenderer, image_gradient
 from .errors import InputError, PPCError
 from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
-from .geometry import (Projection, centred_update, invert_rigid, rotation_angle_deg, so3_exp, transform_points,
-                       translation_matrix)
-from .matching import match_along_normals
+from .geometry import Projection, crop_projection, invert_rigid, rotation_angle_deg, transform_points
+from .matchers import ClassicMatcher, Matcher, OracleMatcher  # noqa: F401 (re-exported)
 from .metrics import mtre as mtre_fn
-from .ppc import out_of_plane_damping, solve_ppc
-from .refine import PoseRefiner, gradient_correlation, pose_similarity
+from .prealign import PREALIGN_SIGMA_PX, prealign
+from .refine import PoseRefiner, gradient_correlation, make_refiner, pose_similarity
+from .solvers import PlainSolver, RobustSolver, reprojection_cost
+from .update import UpdateState, match, ppc_update
 from .volume import Volume
 
-#: the ``operator`` of the intensity refinement's updates in the history
-REFINE = "refine"
-
-STATUSES = ("running", "converged", "max_iterations", "diverged", "stopped", "rank_deficient", "failed")
-
-
-@dataclass
-class RegistrationConfig:
-    """Parameters of the registration (units in the names).
-
-    method: the method's name (:mod:`PPCRegistrationLib.methods` builds learned and chained registrations).
-    max_iterations: maximum number of updates.
-    tolerance_mm: stop when an update moves the target points by less than this (mean, mm).
-    n_points: budget of surface points extracted from the region of interest.
-    bone_threshold_hu: surface points need the CT above this next to the edge.
-    contour_theta_deg: a point is on the contour when its gradient is within this angle of perpendicular to
-        the viewing ray.
-    search_px: initial half-length of the search along the 2D normal (detector pixels); it then adapts to
-        the size of the observed displacements, between ``min_search_px`` and ``search_px``.
-    gradient_sigma_px: Gaussian smoothing of the image gradients at the finest level (pixels).
-    xray_blur_px: Gaussian blur (pixels, the imaging chain's point-spread function) applied to the DRR in
-        addition, so that DRR and X-ray edges have the same profile.
-    robust_iterations: iteratively re-weighted PPC solves (Tukey on point-to-plane residuals).
-    ransac_hypotheses, ransac_sample, ransac_threshold_px: consensus step before the re-weighted solve: that
-        many minimal sets of that many correspondences; inliers within that many detector pixels (0 = off).
-    damping_initial, damping_min, damping_offset_px: damping of the PPC solve (relative to the mean eigenvalue
-        of the scaled normal matrix): ``damping_initial * min(1, (median displacement / damping_offset_px)^2)``,
-        at least ``damping_min``.  Far from the solution the displacements are large and unreliable and the
-        update is damped; near it the damping vanishes.
-    out_of_plane_damping: extra damping of the weakly observable directions of a single view (translation along
-        the beam, rotations about the detector axes), scaled by the fourth power of the same ratio: they are
-        held while the in-plane alignment is coarse and released near the solution.
-    out_of_plane_min, out_of_plane_noise_px: floor of that damping, scaled by (spread of the point-to-plane
-        residuals in pixels / out_of_plane_noise_px)^2: noisy correspondences cannot drag the pose along the
-        weak directions (measured on 30 lumbar cases: success < 2 mm 27 % without the floor, 47 % with it),
-        exact ones still converge to the exact pose.
-    patience: stop as diverged when the similarity has stayed below the best for this many iterations
-        (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
-    window_margin_px: margin around the projected region of interest rendered for matching.
-    window_px: side of a square detector window centred on the projected region of interest, rendered for matching
-        instead (the learned operators: the window they were trained on, see :func:`~PPCRegistrationLib.methods.
-        learned_window_px`); 0 = the region's bounding box plus ``window_margin_px`` and the search range.
-    solver: ``"robust"`` (RANSAC consensus, Tukey re-weighting, damping: the classic pipeline) or ``"plain"``
-        (one weighted PPC solve with the matcher's weights, as the learned operator is trained).
-    plain_out_of_plane: damping of the out-of-plane directions in the ``"plain"`` solve (the learned operator's
-        known operator is trained with the same value, ``TrainConfig.out_of_plane``): without it a single view's
-        noisy correspondences throw the depth off (mean one-update mTRE 65 mm on 160 validation samples,
-        17 mm with it, from 23 mm).
-    flow_flips: the learned operators' flow is averaged over this many mirrorings of the window (1, 2 or 4, see
-        :func:`~PPCRegistrationLib.networks.mirror_averaged_flow`): it cancels the network's mirror-dependent bias
-        (validation EPE 9.22 -> 8.46 px with 4; 1 = the network once, as in training).
-    coarse_search_px: half-range (px) of the global 2D pre-alignment before the first update (0 = off).
-    refine_iterations: L-BFGS iterations per scale of the intensity refinement that follows the PPC updates
-        (:mod:`PPCRegistrationLib.refine`: gradient correlation of DRR and X-ray maximised over the pose, one
-        update per scale of ``refine_sigmas_px``); 0 = off.  It runs when the PPC updates converged, diverged (from
-        the best estimate) or used up ``max_iterations``.
-    refine_sigmas_px, refine_highpass_px, refine_blur_px: its gradient scales (coarse to fine), high-pass filter
-        and DRR blur (pixels), see :func:`~PPCRegistrationLib.refine.refine_pose`.
-    refine_iterations_per_update: L-BFGS iterations of one refinement update (0 = a whole scale): the Slicer module
-        uses a few, so that each timer tick stays short and the views show the progress.
-    retry_below_similarity: after the refinement, when the result's gradient correlation (the refinement's measure)
-        is below this value or not above that of the initial estimate, the registration starts again from the
-        initial estimate without the 2D pre-alignment and with ``retry_patience``, and keeps whichever of the two
-        results and the initial estimate correlates best with the X-ray (0 = only when worse than the initial
-        estimate; needs the refinement).  Measured on 10 lumbar failures of the first attempt: 5 rescued.
-    retry_patience: ``patience`` of that second attempt (it stops and reverts to its best estimate when the image
-        similarity has not improved for that many updates).
-    device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
-    """
-
-    method: str = "classic"
-    max_iterations: int = 30
-    tolerance_mm: float = 0.05
-    n_points: int = 2000
-    bone_threshold_hu: float = 150.0
-    contour_theta_deg: float = 6.0
-    search_px: float = 24.0
-    min_search_px: float = 4.0
-    gradient_sigma_px: float = 2.0
-    xray_blur_px: float = 0.0
-    robust_iterations: int = 2
-    damping_initial: float = 0.05
-    damping_min: float = 1e-5
-    damping_offset_px: float = 2.0
-    out_of_plane_damping: float = 10.0
-    out_of_plane_min: float = 0.1
-    out_of_plane_noise_px: float = 0.5
-    ransac_hypotheses: int = 256
-    ransac_sample: int = 12
-    ransac_threshold_px: float = 1.5
-    max_update_mm: float = 30.0
-    coarse_search_px: float = 32.0
-    coarse_min_gain: float = 0.02
-    coarse_angles_deg: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
-    max_drift_mm: float = 75.0
-    patience: int = 0
-    window_margin_px: int = 24
-    window_px: int = 0
-    solver: str = "robust"
-    plain_out_of_plane: float = 1.0
-    flow_flips: int = 4
-    refine_iterations: int = 20
-    refine_sigmas_px: tuple[float, ...] = (6.0, 3.0, 1.5)
-    refine_highpass_px: float = 4.0
-    refine_blur_px: float = 0.75
-    refine_iterations_per_update: int = 0
-    retry_below_similarity: float = 0.7
-    retry_patience: int = 5
-    device: str = "cpu"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.solver not in ("robust", "plain"):
-            raise InputError(f"solver must be 'robust' or 'plain', got {self.solver!r}")
-        if self.refine_iterations < 0 or (self.refine_iterations and (not self.refine_sigmas_px or any(
-                not (float(x) > 0) for x in self.refine_sigmas_px))):
-            raise InputError("refine_iterations must be >= 0 and refine_sigmas_px positive scales (pixels), got "
-                             f"{self.refine_iterations} and {self.refine_sigmas_px}")
-        self.refine_sigmas_px = tuple(float(x) for x in self.refine_sigmas_px)
-        if self.flow_flips not in (1, 2, 4):
-            raise InputError(f"flow_flips must be 1, 2 or 4 (mirrorings the learned flow is averaged over), got "
-                             f"{self.flow_flips}")
-        if int(self.window_px) < 0 or int(self.window_px) != self.window_px:
-            raise InputError(f"window_px must be a non-negative whole number of pixels (0 = around the region of "
-                             f"interest), got {self.window_px}")
-
-    def resolved_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class IterationState:
-    """What one update did (tensors on the CPU).
-
-    points_3d ``(N, 3)`` contour points in the CT frame (mm, before T); uv ``(N, 2)`` their projections at the
-    estimate used for this update and uv_matched ``(N, 2)`` their correspondences (pixels, u = column);
-    weights ``(N,)`` in [0, 1]; drr ``(H, W)`` the DRR at that estimate (full detector, zero outside the
-    rendered window); T ``(4, 4)`` the estimate after the update; operator: the method of the configuration
-    that made the update (a chained pipeline switches from a learned one to ``classic``).
-    """
-
-    iteration: int
-    T: torch.Tensor
-    update_mm: float
-    update_deg: float
-    n_contour: int
-    mean_weight: float
-    seconds: float
-    similarity: float
-    mtre_mm: float | None
-    points_3d: torch.Tensor
-    uv: torch.Tensor
-    uv_matched: torch.Tensor
-    weights: torch.Tensor
-    drr: torch.Tensor
-    status: str = "running"
-    message: str = ""
-    operator: str = ""
-
-    def summary(self) -> dict:
-        """Scalars only (for JSON and logs)."""
-        return {"iteration": self.iteration, "update_mm": self.update_mm, "update_deg": self.update_deg,
-                "n_contour": self.n_contour, "mean_weight": self.mean_weight, "seconds": self.seconds,
-                "similarity": self.similarity, "mtre_mm": self.mtre_mm, "status": self.status,
-                "operator": self.operator}
-
-
-@dataclass
-class RegistrationResult:
-    """Final outcome of :meth:`Registration.run`."""
-
-    T: torch.Tensor
-    best_T: torch.Tensor
-    status: str
-    iterations: int
-    seconds: float
-    history: list[IterationState] = field(default_factory=list)
-    message: str = ""
-
-
-class Matcher(Protocol):
-    """The 2D matching step of the update operator (classic or learned).
-
-    Given the DRR and X-ray gradient images of the rendered window ``(1, 2, h, w)``, the X-ray window
-    ``(1, h, w)`` and DRR window ``(1, h, w)``, the projected contour points ``uv (1, N, 2)`` (window pixels),
-    their 2D normals ``(1, N, 2)``, the contour mask ``(1, N)`` and the search range (px), return the matched
-    positions ``(1, N, 2)`` (window pixels) and weights ``(1, N)`` in [0, 1] (0 = no correspondence).
-    """
-
-    def __call__(self, drr: torch.Tensor, xray: torch.Tensor, drr_grad: torch.Tensor, xray_grad: torch.Tensor,
-                 uv: torch.Tensor, normals: torch.Tensor, mask: torch.Tensor, search_px: float,
-                 context: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class ClassicMatcher:
-    """Search along the 2D normal for the best normalised correlation of gradient profiles (classic PPC)."""
-
-    def __call__(self, drr, xray, drr_grad, xray_grad, uv, normals, mask, search_px, context):
-        res = match_along_normals(drr_grad, xray_grad, uv, normals, mask, search_px=search_px)
-        w = res.score * res.valid.to(res.score.dtype) * mask.to(res.score.dtype)
-        return res.uv_matched, w
-
-
-class OracleMatcher:
-    """The ground-truth correspondences (simulation only): each contour point is matched to the projection of the
-    same CT point at the ground truth, ``p'_i = P(T_gt T^-1 w_i)``, weight 1.
-
-    It measures what the PPC solve itself can do (the ceiling of one update with perfect 2D matching); it needs
-    the registration's ``T_gt``.
-    """
-
-    def __call__(self, drr, xray, drr_grad, xray_grad, uv, normals, mask, search_px, context):
-        T_gt = context.get("T_gt")
-        if T_gt is None:
-            raise InputError("the oracle matcher needs the ground-truth transform (T_gt): it is for simulations only")
-        T = context["T"].to(torch.float64)
-        moved = transform_points(T_gt.to(torch.float64) @ invert_rigid(T), context["points_3d"].to(torch.float64))
-        uv_true = context["window_projection"].project(moved)
-        return uv_true.to(uv.dtype), mask.to(uv.dtype)
-
-
-def crop_projection(proj: Projection, u0: int, v0: int, width: int, height: int) -> Projection:
-    """The same C-arm restricted to the detector window starting at pixel (u0, v0) of size width x height."""
-    K = proj.K.clone()
-    K[:, 0, 2] -= u0
-    K[:, 1, 2] -= v0
-    return replace(proj, K=K, width=int(width), height=int(height))
+__all__ = ["Registration", "RegistrationConfig", "RegistrationResult", "IterationState", "Status", "STATUSES",
+           "REFINE", "Matcher", "ClassicMatcher", "OracleMatcher", "crop_projection", "gradient_similarity"]
 
 
 def gradient_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -380,80 +154,10 @@ class Registration:
         return self._xray_grad_cache[key]
 
     def _coarse_align(self, T: torch.Tensor) -> torch.Tensor:
-        """Global 2D search before the first update: the in-plane rotation (``coarse_angles_deg``, about the ray
-        through the region's centre) and shift of the DRR window around the region of interest that best
-        correlate (normalised cross-correlation of the gradient images) with the X-ray, applied to the CT as that
-        rotation and a translation parallel to the detector at the region's depth.
-
-        Contour matching along normals is local: an initial error of half a vertebra's height lets endplates
-        lock onto the neighbouring vertebra.  The window holds ribs, pedicles and soft-tissue edges as well,
-        which makes the correlation peak unambiguous.
-        """
+        """The 2D pre-alignment of the first update (:func:`~PPCRegistrationLib.prealign.prealign`)."""
         cfg = self.config
-        proj = self.projection
-        S = int(round(cfg.coarse_search_px))
-        w_all = transform_points(T, self.surface.points)
-        uv_all = proj.project(w_all[None])[0]
-        h, w = proj.height, proj.width
-        lo = torch.floor(uv_all.min(0).values) - 8
-        hi = torch.ceil(uv_all.max(0).values) + 8
-        u0, v0 = int(max(S, lo[0])), int(max(S, lo[1]))
-        u1, v1 = int(min(w - 1 - S, hi[0])), int(min(h - 1 - S, hi[1]))
-        if u1 - u0 < 16 or v1 - v0 < 16:
-            return T  # too close to the detector border for a global search
-        centre = w_all.mean(0, keepdim=True)
-        uv_c = proj.project(centre[None])[0]  # (1, 2)
-        # render a larger window, so that rotated templates have no empty corners
-        m = int(math.ceil(0.2 * max(u1 - u0, v1 - v0)))
-        big = self.renderer.render(crop_projection(proj, u0 - m, v0 - m, u1 - u0 + 1 + 2 * m, v1 - v0 + 1 + 2 * m),
-                                   T[None])
-        sigma = 2.0
-        xg = self._xray_gradient(sigma)[0, :, v0 - S:v1 + S + 1, u0 - S:u1 + S + 1]  # (2, th+2S, tw+2S)
-        th, tw = v1 - v0 + 1, u1 - u0 + 1
-        ones = torch.ones(1, 2, th, tw, dtype=xg.dtype, device=xg.device)
-        s1 = torch.nn.functional.conv2d(xg[None], ones)[0, 0]
-        s2 = torch.nn.functional.conv2d((xg * xg)[None], ones)[0, 0]
-        var = (s2 - s1 * s1 / (2 * th * tw)).clamp_min(1e-12)
-        hb, wb = big.shape[1:]
-        vv, uu = torch.meshgrid(torch.arange(hb, dtype=torch.float64), torch.arange(wb, dtype=torch.float64),
-                                indexing="ij")
-        c = (uv_c[0] - uv_c.new_tensor([u0 - m, v0 - m])).cpu()  # rotation centre in the big window
-        best = (-math.inf, 0.0, 0, 0)
-        here = -math.inf
-        for ang in cfg.coarse_angles_deg:
-            # template rotated by ang about the region's projection (from +u towards +v), as the CT rotated
-            # about the ray through the region's centre would appear
-            a_r = math.radians(ang)
-            du_, dv_ = uu - c[0], vv - c[1]
-            su = c[0] + math.cos(a_r) * du_ + math.sin(a_r) * dv_
-            sv = c[1] - math.sin(a_r) * du_ + math.cos(a_r) * dv_
-            grid = torch.stack([su / (wb - 1) * 2 - 1, sv / (hb - 1) * 2 - 1], -1)[None].to(big)
-            rot = torch.nn.functional.grid_sample(big[None], grid, align_corners=True, padding_mode="border")[0]
-            tg = image_gradient(rot, sigma_px=sigma)[0][:, m:m + th, m:m + tw]
-            tg = tg - tg.mean(dim=(1, 2), keepdim=True)
-            num = torch.nn.functional.conv2d(xg[None], tg[None])[0, 0]  # (2S+1, 2S+1)
-            ncc = num / torch.sqrt(var * (tg * tg).sum()).clamp_min(1e-12)
-            k = int(torch.argmax(ncc))
-            dv_i, du_i = divmod(k, ncc.shape[1])
-            if float(ncc[dv_i, du_i]) > best[0]:
-                best = (float(ncc[dv_i, du_i]), ang, du_i - S, dv_i - S)
-            if ang == 0:
-                here = float(ncc[S, S])
-        score, ang, du, dv = best
-        if score < here + cfg.coarse_min_gain:
-            return T
-        out = T
-        if ang != 0:
-            axis = proj.ray_directions(uv_c[None])[0, 0]  # from the source through the region's centre
-            rot3 = torch.eye(4, dtype=T.dtype, device=T.device)
-            rot3[:3, :3] = so3_exp(axis * math.radians(ang))
-            cm = translation_matrix(centre[0])
-            out = cm @ rot3 @ translation_matrix(-centre[0]) @ out
-        depth = proj.depth(centre[None])[0]
-        moved = proj.backproject(uv_c + uv_c.new_tensor([float(du), float(dv)]), depth)[0]
-        shift = torch.eye(4, dtype=T.dtype, device=T.device)
-        shift[:3, 3] = (moved - centre)[0]
-        return shift @ out
+        return prealign(self.renderer, self.projection, self._xray_gradient(PREALIGN_SIGMA_PX), T, self.surface.points,
+                        search_px=cfg.coarse_search_px, angles_deg=cfg.coarse_angles_deg, min_gain=cfg.coarse_min_gain)
 
     def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
@@ -525,8 +229,10 @@ class Registration:
         sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
         if self._refiner is None:
             self._refine_start = self.T.clone()
-            self._refiner = PoseRefiner(self.renderer, self.xray, self.projection, self.T, self.surface.points,
+            self._refiner = make_refiner(cfg.refine_solvers[self.refine_level], self.renderer, self.xray,
+                                         self.projection, self.T, self.surface.points,
                                         sigma_px=sigma, iterations=int(cfg.refine_iterations),
+                                        grid_px=int(cfg.refine_grids_px[self.refine_level]),
                                         highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
                                         margin_px=int(cfg.window_margin_px))
         T = self._refine_start
@@ -601,6 +307,8 @@ class Registration:
         self.since_best = 0
         self.search_px = float(self.config.search_px)
         self.damping = float(self.config.damping_initial)
+        self.lm_lambda = 1.0
+        self._lm_prev = None
 
     def _start_attempt(self, prealign: bool, patience: bool) -> None:
         """Begin the next attempt from the initial estimate."""
@@ -720,20 +428,17 @@ class Registration:
             kw = dict(defaults, similarity=similarity, drr=drr_full, n_contour=n_contour)
             return finish("rank_deficient", f"only {n_contour} contour points: cannot solve for 6 parameters; "
                           "kept the best estimate", self.T, **kw)
-        w_c, g_c = w_all[idx], g_all[idx]
-        normals = project_normals(proj, w_c[None], g_c[None])
+        w_c, g_c = w_all[idx][None], g_all[idx][None]
         uv_c = uv_win[idx][None].float()
-        uv_m, weights = self.matcher(drr, xray_win, drr_grad, xray_grad, uv_c, normals.float(),
-                                     torch.ones_like(uv_c[..., 0], dtype=torch.bool), self.search_px,
-                                     {"iteration": it, "sigma_px": sigma, "points_3d": w_c[None],
-                                      "gradients_3d": g_c[None], "source": proj.source,
-                                      "pixel_spacing_mm": float(proj.pixel_spacing[0, 0]),
-                                      "T": T, "T_gt": self.T_gt, "window_projection": sub,
-                                      "flow_flips": cfg.flow_flips})
-        uv_m = uv_m.double()
-        weights = weights.double().clamp(0, 1)
+        state = UpdateState(T=T[None], points=w_c, gradients=g_c, uv=uv_c, mask=torch.ones_like(uv_c[..., 0], dtype=torch.bool),
+                            projection=sub, drr=drr, xray=xray_win, drr_grad=drr_grad, xray_grad=xray_grad,
+                            normals=project_normals(proj, w_c, g_c).float(), search_px=self.search_px,
+                            context={"iteration": it, "sigma_px": sigma, "T": T, "T_gt": self.T_gt,
+                                     "pixel_spacing_mm": float(proj.pixel_spacing[0, 0]), "window_projection": sub,
+                                     "flow_flips": cfg.flow_flips})
+        uv_m, weights = match(state, self.matcher)
+        uv_m, weights = uv_m.double(), weights.double().clamp(0, 1)
         uv_m_full = uv_m + uv_m.new_tensor([u0, v0])
-        rays = proj.ray_directions(uv_m_full)
         valid = weights[0] > 0
         kw = dict(points_3d=P0[idx].cpu(), uv=(uv_c[0].double() + uv_c.new_tensor([u0, v0]).double()).cpu(),
                   uv_matched=uv_m_full[0].cpu(), drr=drr_full, similarity=similarity, n_contour=n_contour)
@@ -742,32 +447,27 @@ class Registration:
             return finish("rank_deficient", f"only {int(valid.sum())} of {n_contour} contour points found a "
                           "match: kept the best estimate", self.T, update_mm=0.0, update_deg=0.0,
                           mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
-        system = {"w": w_c[None], "g": g_c[None], "rays": rays, "weights": weights}
-        # damping from the size of the observed 2D displacements: large, unreliable displacements far from
-        # the solution are damped; small ones near it let the weak (depth) directions be resolved
-        disp_all = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
-        med = float(disp_all.median()) if disp_all.numel() else cfg.search_px
-        self.damping = float(max(cfg.damping_min,
-                                 cfg.damping_initial * min(1.0, (med / cfg.damping_offset_px) ** 2)))
-        # the weakly observable directions of a single view (depth translation, rotations about the detector
-        # axes) are held while the 2D displacements are large and released near the solution, down to a floor
-        # that _solve scales with the noise of the correspondences
-        system["oop"] = float(cfg.out_of_plane_damping * min(1.0, (med / cfg.damping_offset_px) ** 4))
-        system["damping_matrix"] = _out_of_plane_damping(proj, max(system["oop"], cfg.out_of_plane_min))
-        if cfg.solver == "plain":
-            # the learned operator's own solve (as in training): weighted PPC, no consensus, no re-weighting
-            sol = solve_ppc(system["w"], system["g"], proj.source, rays, weights, regularization=cfg.damping_min,
-                            damping=_out_of_plane_damping(proj, cfg.plain_out_of_plane))
-            system["final_weights"] = weights
+        if cfg.solver == "plain":  # the learned operator's own solve, as in training
+            solver = PlainSolver(cfg.plain_out_of_plane, cfg.damping_min)
         else:
-            sol = self._solve(system, self.damping)
-        final_w = system["final_weights"][0].float().clamp(0, 1)
+            solver, rejected = self._robust_solver(w_c, g_c, sub.ray_directions(uv_m), weights, uv_m, uv_c, T)
+            if rejected:
+                return finish("running", rejected, self.T, update_mm=float(mtre_fn(self.T, T, self.targets)),
+                              update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T))),
+                              mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
+        res = ppc_update(state, self.matcher, solver, matches=(uv_m, weights))
+        sol = res.solve.solution
+        if cfg.lm and cfg.solver != "plain":
+            rays = sub.ray_directions(uv_m)
+            self._lm_prev = (self._lm_cost, reprojection_cost(w_c, g_c, sub, rays, weights, sol, cfg.lm_cap_px),
+                             T.clone())
+        final_w = res.weights[0].float().clamp(0, 1)
         if bool(sol.rank_deficient[0]):
             self.T = self.best_T.clone()
             return finish("rank_deficient", "the PPC system is rank deficient (degenerate contour points): kept "
                           "the best estimate", self.T, update_mm=0.0, update_deg=0.0,
                           mean_weight=float(final_w.mean()), weights=final_w.cpu(), **kw)
-        T_new = centred_update(sol.dv, sol.centre, T[None])[0]
+        T_new = res.T[0]
         if not torch.isfinite(T_new).all():
             self.T = self.best_T.clone()
             return finish("diverged", "the update is not finite: reverted to the best estimate", self.T,
@@ -793,6 +493,10 @@ class Registration:
         self.T = T_new
         if upd_mm < cfg.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
+        recent = [st.update_mm for st in self.history[self._attempt_start:] if st.operator != REFINE][-(cfg.settle_updates - 1):]
+        if cfg.settle_updates > 0 and len(recent) == cfg.settle_updates - 1 and max(recent + [upd_mm]) < cfg.settle_mm:
+            return finish("converged", f"the last {cfg.settle_updates} updates moved the estimate less than "
+                          f"{cfg.settle_mm:g} mm each: at the PPC loop's fixed point", T_new, **kw)
         patience = cfg.retry_patience if self._attempt_patience else cfg.patience
         if patience > 0 and self.since_best >= patience:
             self.T = self.best_T.clone()
@@ -802,71 +506,41 @@ class Registration:
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)
 
-    def _consensus(self, system: dict, damping: float) -> torch.Tensor:
-        """RANSAC over the correspondences: ``(1, N)`` 0/1 inlier mask of the best-supported motion.
+    def _robust_solver(self, points, gradients, rays, weights, uv_m, uv_c, T) -> tuple[RobustSolver, str]:
+        """The classic solve of this update (docs/design.md §4.2), and a message when the Levenberg–Marquardt rule
+        rejects the previous step instead (the estimate is then back at the previous one).
 
-        Minimal sets (``ransac_sample`` points, drawn in proportion to the match weights) are solved in one
-        batched PPC call; a correspondence supports a motion when its point-to-plane residual is below
-        ``ransac_threshold_px`` detector pixels, converted to mm at the points' depth.
-        """
+        The damping follows the size of the observed 2D displacements (large, unreliable ones far from the solution
+        are damped; near it the weak depth directions are released), times the Levenberg–Marquardt factor, which
+        falls when the re-measured re-projection cost fell as the previous step predicted and rises when it did
+        not; a step that made the correspondences fit worse is taken back."""
         cfg = self.config
-        weights = system["weights"][0]
-        n = weights.shape[0]
-        k, m = cfg.ransac_hypotheses, cfg.ransac_sample
-        if k <= 0 or n < 2 * m:
-            return (weights > 0).to(weights.dtype)[None]
-        # seeded by the update's place in its attempt: every attempt from the initial estimate draws as a registration
-        # that starts there would (a learned pipeline's classic fallback is exactly the classic registration)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 7919 + self.ppc_iterations)
-        prob = (weights.cpu() + 1e-12)
-        idx = torch.multinomial(prob.expand(k, n), m, replacement=False, generator=gen).to(weights.device)
-        src = self.projection.source
-        centre = (weights[:, None] * system["w"][0]).sum(0) / weights.sum().clamp_min(1e-12)
-        sol = solve_ppc(system["w"][0][idx], system["g"][0][idx], src.expand(k, 3), system["rays"][0][idx],
-                        weights[idx], regularization=damping, centre=centre[None].expand(k, 3),
-                        damping=None if system.get("damping_matrix") is None
-                        else system["damping_matrix"].expand(k, 6, 6))
-        from .ppc import ppc_system
-
-        a, b = ppc_system(system["w"], system["g"], src, system["rays"], centre[None])
-        res = (a[0] @ sol.dv.T).T - b  # (K, N) mm
-        depth = self.projection.depth(system["w"])[0]
-        px_mm = depth * self.projection.pixel_spacing[0, 0] / self.projection.sdd[0]  # mm per pixel at the point
-        inl = (res.abs() < cfg.ransac_threshold_px * px_mm[None]) & (weights[None] > 0)
-        score = (inl.to(weights.dtype) * weights[None]).sum(-1)
-        score = torch.where(sol.rank_deficient, torch.zeros_like(score), score)
-        best = int(score.argmax())
-        return inl[best].to(weights.dtype)[None]
-
-    def _solve(self, system: dict, damping: float):
-        """Robust (RANSAC consensus, then IRLS with Tukey) damped PPC solve of one update's correspondences."""
-        src = self.projection.source
-        weights = system["weights"] * self._consensus(system, damping)
-        if int((weights > 0).sum()) < 6:
-            weights = system["weights"]
-        wts = weights
-        sol = None
-        cfg = self.config
-        for r in range(cfg.robust_iterations + 1):
-            sol = solve_ppc(system["w"], system["g"], src, system["rays"], wts, regularization=damping,
-                            damping=system.get("damping_matrix"))
-            if r == cfg.robust_iterations:
-                break
-            res = _point_residuals(system["w"], system["g"], src, system["rays"], sol)
-            wts = weights * _tukey(res, weights > 0)
-            if r == 0 and "oop" in system:
-                # noise-scaled floor of the out-of-plane damping (a prior against drifting along the weak
-                # directions): full for correspondences as noisy as cfg.out_of_plane_noise_px, vanishing for exact
-                # ones, so that perfect data still converges to the exact pose
-                r_in = res[0][weights[0] > 0]
-                if r_in.numel() >= 6:
-                    depth = self.projection.depth(system["w"])[0][weights[0] > 0]
-                    mm_per_px = depth * self.projection.pixel_spacing[0, 0] / self.projection.sdd[0]
-                    spread = float((1.4826 * (r_in - r_in.median()).abs() / mm_per_px).median())
-                    floor = cfg.out_of_plane_min * min(1.0, (spread / cfg.out_of_plane_noise_px) ** 2)
-                    system["damping_matrix"] = _out_of_plane_damping(self.projection, max(system["oop"], floor))
-        system["final_weights"] = wts
-        return sol
+        disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
+        ratio = min(1.0, (float(disp.median()) if disp.numel() else cfg.search_px) / cfg.damping_offset_px)
+        self.damping = float(max(cfg.damping_min, cfg.damping_initial * ratio ** 2))
+        if cfg.lm:
+            self._lm_cost = reprojection_cost(points, gradients, self.projection, rays, weights, None, cfg.lm_cap_px)
+            if self._lm_prev is not None:
+                c0, cp, T_prev = self._lm_prev
+                rho = (c0 - self._lm_cost) / max(c0 - cp, 1e-6 * c0, 1e-12)
+                if rho < 0:
+                    self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 4.0)
+                    self._lm_prev = None
+                    self.T = T_prev.clone()
+                    return None, (f"step rejected (re-projection cost {c0:.3f} -> {self._lm_cost:.3f} px^2): back "
+                                  f"to the previous estimate, damping x{self.lm_lambda:.3g}")
+                if rho < 0.25:
+                    self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 2.0)
+                elif rho > 0.75:
+                    self.lm_lambda = max(cfg.lm_min, self.lm_lambda / 3.0)
+        # RANSAC seeded by the update's place in its attempt: every attempt from the initial estimate draws as a
+        # registration that starts there would (a learned pipeline's classic fallback is exactly the classic one)
+        return RobustSolver(damping=self.damping, out_of_plane=cfg.out_of_plane_damping * ratio ** 4,
+                            out_of_plane_min=cfg.out_of_plane_min, out_of_plane_noise_px=cfg.out_of_plane_noise_px,
+                            lm=self.lm_lambda if cfg.lm else 1.0, ransac_hypotheses=cfg.ransac_hypotheses,
+                            ransac_sample=cfg.ransac_sample, ransac_threshold_px=cfg.ransac_threshold_px,
+                            robust_iterations=cfg.robust_iterations,
+                            seed=cfg.seed * 7919 + self.ppc_iterations), ""
 
     # ------------------------------------------------------------------ loop
     def run(self, callback: Callable[[IterationState], None] | None = None,
@@ -909,34 +583,6 @@ class Registration:
         return RegistrationResult(T=self.T.detach().cpu().clone(), best_T=self.best_T.detach().cpu().clone(),
                                   status=status, iterations=self.iteration, seconds=time.perf_counter() - t0,
                                   history=list(self.history), message=message)
-
-
-def _out_of_plane_damping(proj: Projection, mu: float) -> torch.Tensor:
-    """``(1, 6, 6)`` damping of the rotations about the detector axes and of the translation along the beam."""
-    return out_of_plane_damping(proj.R[:1], mu)
-
-
-def _point_residuals(points, gradients, source, rays, sol) -> torch.Tensor:
-    """Point-to-plane residuals ``(B, N)`` (mm) of the correspondences after the solve."""
-    from .ppc import ppc_system
-
-    a, b = ppc_system(points, gradients, source, rays, sol.centre)
-    return (a @ sol.dv[..., None])[..., 0] - b
-
-
-def _tukey(res: torch.Tensor, valid: torch.Tensor, c: float = 4.685) -> torch.Tensor:
-    """Tukey biweight ``(B, N)`` of residuals scaled by their robust spread (1.4826 MAD, at least 0.3 mm)."""
-    out = torch.zeros_like(res)
-    for b in range(res.shape[0]):
-        r = res[b][valid[b]]
-        if r.numel() < 6:
-            out[b] = valid[b].to(res.dtype)
-            continue
-        med = r.median()
-        sigma = max(1.4826 * float((r - med).abs().median()), 0.3)
-        u = (res[b] - med) / (c * sigma)
-        out[b] = torch.where(u.abs() < 1, (1 - u * u) ** 2, torch.zeros_like(u)) * valid[b].to(res.dtype)
-    return out
 
 
 def _check_rigid(T: torch.Tensor, name: str) -> None:

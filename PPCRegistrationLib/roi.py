@@ -1,4 +1,4 @@
-"""Regions of interest: which part of the CT is registered (DESIGN.md §3, initialisation step 1).
+"""Regions of interest: which part of the CT is registered (docs/design.md §3, initialisation step 1).
 
 Two kinds, both in world coordinates (mm) so they work on any CT grid:
 

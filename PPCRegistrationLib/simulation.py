@@ -1,4 +1,4 @@
-"""Simulated cases for tests and evaluation (DESIGN.md §4): random C-arm views, X-rays simulated from the CT at
+"""Simulated cases for tests and evaluation (docs/design.md §6): random C-arm views, X-rays simulated from the CT at
 the ground truth with realistic variation, and random initial estimates with a chosen initial mTRE."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def random_initial_transform(T_gt: torch.Tensor, targets: torch.Tensor, target_m
 
 @dataclass
 class ViewSampler:
-    """Random C-arm views around the patient (DESIGN.md §4).
+    """Random C-arm views around the patient (docs/design.md §6).
 
     Angles uniform in the ranges (degrees); isocentre = the target centre plus a uniform random offset
     (mm) in a cube of half-size ``isocenter_jitter_mm``.

@@ -1,4 +1,4 @@
-"""Training of the learned update operator (DESIGN.md §3): ``flow``, ``ppc-flow`` and ``ppc-flow-attention``.
+"""Training of the learned update operator (docs/design.md §3): ``flow``, ``ppc-flow`` and ``ppc-flow-attention``.
 
 * ``flow``: FlowNetC trained on the end-point error (EPE, network pixels) of the flow at the contour points.
 * ``ppc-flow``: the same network trained end to end through the PPC solve (the *known operator*):
@@ -37,10 +37,10 @@ import torch
 from .dataset import ShardDataset, flip_samples, sample_projection, zoom_samples
 from .devices import resolve_device
 from .errors import InputError, PPCError
-from .geometry import centred_update
 from .metrics import mrpd, mtre, reduction_factor
 from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
-from .ppc import out_of_plane_damping, solve_ppc
+from .solvers import PlainSolver
+from .update import UpdateState, match, ppc_update
 
 __all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", "LEARNED_REGULARIZATION",
            "plot_curves", "DistInfo", "distributed_env", "init_distributed", "CURVE_FIELDS"]
@@ -145,31 +145,44 @@ def operator_step(op: LearnedOperator, batch: Mapping[str, torch.Tensor], *, sol
         ``rank_deficient (B,)``.
     """
     mask = batch["mask"]
-    pts, grads = batch["points"], batch["gradients"]
     h, w = batch["xray"].shape[-2:]
-    proj = sample_projection(batch, h, w)
-    src = proj.source
-    out = op(batch["drr"], batch["xray"], batch["uv"], mask, pts, grads, src)
-    uv_m = out["uv_matched"]
+    state = UpdateState(T=batch["T_init"].to(torch.float64), points=batch["points"], gradients=batch["gradients"],
+                        uv=batch["uv"], mask=mask, projection=sample_projection(batch, h, w), drr=batch["drr"],
+                        xray=batch["xray"])
+    matcher = OperatorMatcher(op)
+    if solve:  # the same update operator as the registration loop's (update.ppc_update), with the plain solve
+        upd = ppc_update(state, matcher, PlainSolver(out_of_plane, regularization))
+        uv_m, weights = upd.uv_matched, upd.match_weights
+    else:
+        uv_m, weights = match(state, matcher)
     target = batch["uv"] + batch["flow_gt"]
     mf = mask.to(uv_m.dtype)
     err = torch.linalg.norm(uv_m - target.to(uv_m.dtype), dim=-1)
     epe = (err * mf).sum(-1) / mf.sum(-1).clamp_min(1.0)
-    res: dict[str, torch.Tensor] = {"uv_matched": uv_m, "weights": out["weights"], "epe": epe}
+    res: dict[str, torch.Tensor] = {"uv_matched": uv_m, "weights": weights, "epe": epe}
     if not solve:
         return res
-    rays = proj.ray_directions(uv_m.to(torch.float64))
-    wts = out["weights"].to(torch.float64) * mask.to(torch.float64)
-    damp = out_of_plane_damping(proj.R, out_of_plane) if out_of_plane > 0 else None
-    sol = solve_ppc(pts.to(torch.float64), grads.to(torch.float64), src, rays, wts, regularization=regularization,
-                    damping=damp)
-    T_init = batch["T_init"].to(torch.float64)
-    T_est = centred_update(sol.dv, sol.centre, T_init)
+    T_init, T_est = state.T, upd.T
     targets = batch["targets"].to(torch.float64)
     T_gt = batch["T_gt"].to(torch.float64)
     res.update(T_est=T_est, mtre_before=mtre(T_init, T_gt, targets), mtre_after=mtre(T_est, T_gt, targets),
-               mrpd_after=mrpd(T_est, T_gt, targets, proj), rank_deficient=sol.rank_deficient)
+               mrpd_after=mrpd(T_est, T_gt, targets, state.projection),
+               rank_deficient=upd.solve.solution.rank_deficient)
     return res
+
+
+class OperatorMatcher:
+    """A :class:`~PPCRegistrationLib.networks.LearnedOperator` as the matcher of :func:`~.update.ppc_update` in
+    training: the data set's windows are already on the network's grid, the flow is the network's single pass, and
+    the attention weighs every point of the mask (the registration loop uses
+    :class:`~PPCRegistrationLib.networks.LearnedMatcher`, which reduces its windows and averages mirrorings)."""
+
+    def __init__(self, op: LearnedOperator) -> None:
+        self.op = op
+
+    def __call__(self, drr, xray, drr_grad, xray_grad, uv, normals, mask, search_px, context):
+        out = self.op(drr, xray, uv, mask, context["points_3d"], context["gradients_3d"], context["source"])
+        return out["uv_matched"], out["weights"]
 
 
 def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: float = 1.0,

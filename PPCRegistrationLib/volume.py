@@ -1,6 +1,6 @@
 """The CT volume type: voxel values plus the 4x4 index-to-world matrix.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/design.md §2):
 
 * ``data`` is a tensor of shape ``(K, J, I)`` -- slowest index first, the order SimpleITK's
   ``GetArrayFromImage`` and Slicer's ``arrayFromVolume`` give.  ``I`` is the fastest (column) index.

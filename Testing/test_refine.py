@@ -88,21 +88,23 @@ def test_refine_pose_keeps_a_correct_pose_and_stops_on_request(lumbar):
     assert torch.equal(stopped.T, case.T_init.to(stopped.T))
 
 
-def test_a_trial_pose_that_leaves_the_window_is_a_flat_loss_not_a_failure(lumbar):
-    """L-BFGS's line search may try a pose that moves the CT out of the refinement window (seen on lumbar case 258
-    from [0, 45] mm, where it made the whole registration fail): the DRR there is empty and does not depend on the
-    pose. Its loss is 0 (no correlation) with a zero gradient, and the refinement goes on."""
+def test_a_trial_pose_that_leaves_the_window_is_uncorrelated_not_a_failure(lumbar):
+    """A trial pose may move the CT out of the refinement window (seen on lumbar case 258 from [0, 45] mm, where it
+    once made the whole registration fail): the DRR there is empty. It counts as uncorrelated (GC 0, the largest
+    residual), so the step is rejected and the refinement goes on."""
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 3, (0, 1), variation=XRayVariation.none())
     ref = PoseRefiner(renderer, case.xray, case.projection, case.T_gt, pts, iterations=3)
-    d = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    near = ref.objective(d)
-    assert float(near) < -0.3  # the true pose correlates
-    far = torch.tensor([0.0, 0.0, 0.0, 400.0, 400.0, 0.0], dtype=torch.float64, requires_grad=True)  # 800 mm
-    loss = ref.objective(far)
-    loss.backward()
-    assert float(loss) == 0.0 and torch.equal(far.grad, torch.zeros(6, dtype=torch.float64))
+    assert ref.before > 0.3  # the true pose correlates
+    far = torch.tensor([0.0, 0.0, 0.0, 400.0, 400.0, 0.0], dtype=torch.float64)  # 800 mm
+    drr = renderer.render(ref.win.projection, ref.pose(far)[None])
+    assert float(drr.abs().max()) == 0.0
+    r = ref.win.residual(drr)[0]
+    assert abs(float(r @ r) - 4.0) < 1e-4 and float(ref.win.similarity(drr)[0]) == 0.0
+    ref._d = far.clone()  # a refinement whose estimate left the window rejects steps instead of failing
+    ref._r, ref._J = ref._linearise(ref._d)
+    assert not ref.advance(1) or ref.message == ""
 
 
 def test_refine_pose_bad_input(lumbar):
@@ -123,8 +125,8 @@ def test_refine_pose_bad_input(lumbar):
 
 
 def test_classic_registration_ends_with_the_refinement(lumbar):
-    """A realistic 11.6 mm case: the PPC updates alone end with a 4.5 degree error (mRPD 1.2 mm); the refinement
-    brings the mTRE below 1 mm.  Without it (refine_iterations=0) the history has PPC updates only."""
+    """A realistic 11.6 mm case: the PPC updates alone end ~4 mm off (mostly along the beam); the refinement brings
+    the mTRE below 1 mm.  Without it (refine_iterations=0) the history has PPC updates only."""
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 5, (0, 20))
@@ -135,7 +137,8 @@ def test_classic_registration_ends_with_the_refinement(lumbar):
     ops = [st.operator for st in res.history]
     n_ppc = len(ops) - ops.count(REFINE)
     assert ops[n_ppc:] == [REFINE] * len(RegistrationConfig().refine_sigmas_px) and n_ppc == reg.ppc_iterations
-    assert res.status in ("converged", "max_iterations") and reg.budget_spent
+    assert res.status == "converged" or (res.status == "max_iterations" and reg.budget_spent)
+    assert not reg.refining
     ppc_only = float(mtre(res.history[n_ppc - 1].T.to(torch.float64), case.T_gt, pts))
     final = float(mtre(res.T, case.T_gt, pts))
     assert final < 1.0 and final < ppc_only, (ppc_only, final)

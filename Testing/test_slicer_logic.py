@@ -1,4 +1,4 @@
-"""The Slicer module's logic on a real, headless MRML scene (slicer-core; DESIGN.md §6).
+"""The Slicer module's logic on a real, headless MRML scene (slicer-core; docs/design.md §8).
 
 The logic part of the module (PPCRegistration/PPCRegistrationLogic) imports no Qt, so it runs here exactly
 as in the application.  The end-to-end test is the module's self-test scenario (shared code in
@@ -317,7 +317,9 @@ def test_methods_offered_by_the_module():
     with pytest.raises(ValueError, match="unknown method"):
         core.makeConfig("magic")
     # the intensity refinement: on for classic by default, never in a learned phase, off on request
-    assert core.makeConfig("classic").refine_iterations == core.REFINE_ITERATIONS > 0
+    from PPCRegistrationLib.registration import RegistrationConfig
+
+    assert core.makeConfig("classic").refine_iterations == RegistrationConfig().refine_iterations > 0
     assert cfg.refine_iterations == 0
     assert core.makeConfig("classic", intensityRefinement=False).refine_iterations == 0
 

@@ -86,7 +86,7 @@ def main(paths: list[str]) -> None:
         lines = [
             f"# {TITLES[method]} ({method}.pt)",
             "",
-            f"The learned update operator `{method}` of DESIGN.md §3: "
+            f"The learned update operator `{method}` of docs/design.md §3: "
             f"{HOW[method].format(loss=_loss(meta))}. Load it with "
             f"`PPCRegistrationLib.methods.resolve_method('{method}')` or `ppcreg register --method {method}`; "
             "the file is verified on loading (format, version, architecture, SHA-256 of the parameters).",

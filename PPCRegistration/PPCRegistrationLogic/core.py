@@ -3,10 +3,10 @@ registration session (step / run / stop / reset) that writes its results into ou
 
 This file imports only ``slicer`` (MRML classes and ``slicer.util`` array helpers), ``vtk``, ``numpy`` and
 ``torch``, so it runs unchanged inside the Slicer application and on a headless ``vtkMRMLScene`` from the
-``slicer-core`` package (DESIGN.md §6).  It never modifies its input nodes; it creates (or reuses) output
+``slicer-core`` package (docs/design.md §8).  It never modifies its input nodes; it creates (or reuses) output
 nodes, and puts the CT under the registration transform node.
 
-Conventions (DESIGN.md §2): world = RAS (Slicer's frame).  The CT is passed to the library with its
+Conventions (docs/design.md §2): world = RAS (Slicer's frame).  The CT is passed to the library with its
 IJKToRAS matrix; the registration transform T moves the CT (x' = T x), exactly what a Slicer linear
 transform node does to its children.  The X-ray is a single-slice scalar volume whose IJKToRAS places its
 pixel (i, j) = detector pixel (u, v) = (column, row) on the detector plane, at depth SDD from the source.
@@ -522,11 +522,9 @@ def resolveMethod(method: str = "classic", modelPath: str | None = None, device:
     return resolve_method(normalizeMethod(method), model_path=modelPath or None, device=resolveDevice(device))
 
 
-#: L-BFGS iterations per scale of the intensity refinement when it is on (the library's default)
-REFINE_ITERATIONS = 20
-#: ... and per update: each timer tick of Run does at most this many, so the GUI stays responsive (on the sample
-#: chest CT a whole scale takes several seconds on a CPU)
-REFINE_ITERATIONS_PER_UPDATE = 4
+#: Levenberg-Marquardt iterations of the intensity refinement per timer tick of Run (seven DRRs each), so that the
+#: views show its progress and the GUI stays responsive; the iterations per scale are the library's default
+REFINE_ITERATIONS_PER_UPDATE = 2
 
 
 def baseConfig(maxIterations: int = 30, toleranceMM: float = 0.05, device: str = "auto",
@@ -536,7 +534,7 @@ def baseConfig(maxIterations: int = 30, toleranceMM: float = 0.05, device: str =
 
     return RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
                               device=resolveDevice(device),
-                              refine_iterations=REFINE_ITERATIONS if intensityRefinement else 0,
+                              refine_iterations=RegistrationConfig.refine_iterations if intensityRefinement else 0,
                               refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
 
 

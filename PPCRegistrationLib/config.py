@@ -1,0 +1,241 @@
+"""The registration's settings and what it reports (docs/design.md §4): :class:`RegistrationConfig` (one place for
+every default of the loop; the command line, ``evaluate()``, the Slicer module and the tests read them from here),
+the per-update :class:`IterationState`, the final :class:`RegistrationResult` and the :class:`Status` of an update."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+import torch
+
+from .devices import resolve_device
+from .errors import InputError
+from .refine import DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX, DEFAULT_SOLVERS, SOLVERS
+
+__all__ = ["REFINE", "STATUSES", "Status", "RegistrationConfig", "IterationState", "RegistrationResult"]
+
+
+class Status(str, Enum):
+    """The state of a registration after an update (a ``str``: ``Status.CONVERGED == "converged"``)."""
+
+    RUNNING = "running"
+    CONVERGED = "converged"
+    MAX_ITERATIONS = "max_iterations"
+    DIVERGED = "diverged"
+    STOPPED = "stopped"
+    RANK_DEFICIENT = "rank_deficient"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: the ``operator`` of the intensity refinement's updates in the history
+REFINE = "refine"
+
+#: the statuses' names, in the order of :class:`Status`
+STATUSES = tuple(s.value for s in Status)
+
+
+@dataclass
+class RegistrationConfig:
+    """Parameters of the registration (units in the names).
+
+    method: the method's name (:mod:`PPCRegistrationLib.methods` builds learned and chained registrations).
+    max_iterations: maximum number of updates.
+    tolerance_mm: stop when an update moves the target points by less than this (mean, mm).
+    n_points: budget of surface points extracted from the region of interest.
+    bone_threshold_hu: surface points need the CT above this next to the edge.
+    contour_theta_deg: a point is on the contour when its gradient is within this angle of perpendicular to
+        the viewing ray.
+    search_px: initial half-length of the search along the 2D normal (detector pixels); it then adapts to
+        the size of the observed displacements, between ``min_search_px`` and ``search_px``.
+    gradient_sigma_px: Gaussian smoothing of the image gradients at the finest level (pixels).
+    xray_blur_px: Gaussian blur (pixels, the imaging chain's point-spread function) applied to the DRR in
+        addition, so that DRR and X-ray edges have the same profile.
+    robust_iterations: iteratively re-weighted PPC solves (Tukey on point-to-plane residuals).
+    ransac_hypotheses, ransac_sample, ransac_threshold_px: consensus step before the re-weighted solve: that
+        many minimal sets of that many correspondences; inliers within that many detector pixels (0 = off).
+    damping_initial, damping_min, damping_offset_px: damping of the PPC solve (relative to the mean eigenvalue
+        of the scaled normal matrix): ``damping_initial * min(1, (median displacement / damping_offset_px)^2)``,
+        at least ``damping_min``.  Far from the solution the displacements are large and unreliable and the
+        update is damped; near it the damping vanishes.
+    out_of_plane_damping: extra damping of the weakly observable directions of a single view (translation along
+        the beam, rotations about the detector axes), scaled by the fourth power of the same ratio: they are
+        held while the in-plane alignment is coarse and released near the solution.
+    out_of_plane_min, out_of_plane_noise_px: floor of that damping, scaled by (spread of the point-to-plane
+        residuals in pixels / out_of_plane_noise_px)^2: noisy correspondences cannot drag the pose along the
+        weak directions (measured on 30 lumbar cases: success < 2 mm 27 % without the floor, 47 % with it),
+        exact ones still converge to the exact pose.
+    patience: stop as diverged when the similarity has stayed below the best for this many iterations
+        (0 = off: the gradient correlation barely reacts to the depth error, so it is off by default).
+    window_margin_px: margin around the projected region of interest rendered for matching.
+    window_px: side of a square detector window centred on the projected region of interest, rendered for matching
+        instead (the learned operators: the window they were trained on, see :func:`~PPCRegistrationLib.methods.
+        learned_window_px`); 0 = the region's bounding box plus ``window_margin_px`` and the search range.
+    solver: ``"robust"`` (RANSAC consensus, Tukey re-weighting, damping: the classic pipeline) or ``"plain"``
+        (one weighted PPC solve with the matcher's weights, as the learned operator is trained).
+    plain_out_of_plane: damping of the out-of-plane directions in the ``"plain"`` solve (the learned operator's
+        known operator is trained with the same value, ``TrainConfig.out_of_plane``): without it a single view's
+        noisy correspondences throw the depth off (mean one-update mTRE 65 mm on 160 validation samples,
+        17 mm with it, from 23 mm).
+    flow_flips: the learned operators' flow is averaged over this many mirrorings of the window (1, 2 or 4, see
+        :func:`~PPCRegistrationLib.networks.mirror_averaged_flow`): it cancels the network's mirror-dependent bias
+        (validation EPE 9.22 -> 8.46 px with 4; 1 = the network once, as in training).
+    coarse_search_px: half-range (px) of the global 2D pre-alignment before the first update (0 = off).
+    refine_iterations: Levenberg-Marquardt iterations per scale of the intensity refinement that follows the PPC
+        updates (:mod:`PPCRegistrationLib.refine`: gradient correlation of DRR and X-ray maximised over the pose, one
+        update per scale of ``refine_sigmas_px``, seven DRRs per iteration); 0 = off.  It runs when the PPC updates converged, diverged (from
+        the best estimate) or used up ``max_iterations``.
+    refine_sigmas_px, refine_grids_px, refine_solvers, refine_highpass_px, refine_blur_px: its gradient scales
+        (coarse to fine), the detector pixels per rendered pixel and the optimiser at each scale, high-pass filter and
+        DRR blur (pixels), see
+        :func:`~PPCRegistrationLib.refine.refine_pose`.
+    refine_iterations_per_update: iterations of one refinement update (0 = a whole scale): the Slicer module
+        uses a few, so that each timer tick stays short and the views show the progress.
+    retry_below_similarity: after the refinement, when the result's gradient correlation (the refinement's measure)
+        is below this value or not above that of the initial estimate, the registration starts again from the
+        initial estimate without the 2D pre-alignment and with ``retry_patience``, and keeps whichever of the two
+        results and the initial estimate correlates best with the X-ray (0 = only when worse than the initial
+        estimate; needs the refinement).  Measured on 10 lumbar failures of the first attempt: 5 rescued.
+    retry_patience: ``patience`` of that second attempt (it stops and reverts to its best estimate when the image
+        similarity has not improved for that many updates).
+    lm: Levenberg–Marquardt control of the classic PPC updates (docs/design.md §4.2): every damping above is
+        multiplied by a factor that falls (/3, down to ``lm_min``) when the re-measured re-projection cost of the next
+        update fell as the solve predicted, rises (x2, up to ``lm_max``) when it fell much less, and a step that made
+        the correspondences fit worse is taken back (x4).  Off, the fixed schedules alone crawl along the weak depth
+        direction (demo case: 30 updates from 8.4 to 3.6 mm; with it 0.17 mm after 6).
+    lm_cap_px: the re-projection cost is a truncated quadratic of the point-to-plane residuals, capped here (px).
+    settle_mm, settle_updates: the PPC updates have reached the loop's fixed point, and stop as converged, when
+        ``settle_updates`` updates in a row each moved the estimate by less than ``settle_mm`` (mean target motion):
+        on noisy X-rays the correspondences' noise keeps the updates above ``tolerance_mm`` (0 = off).
+    device: ``"cpu"``, ``"cuda"``, or ``"auto"``.
+    """
+
+    method: str = "classic"
+    max_iterations: int = 30
+    tolerance_mm: float = 0.05
+    n_points: int = 2000
+    bone_threshold_hu: float = 150.0
+    contour_theta_deg: float = 6.0
+    search_px: float = 24.0
+    min_search_px: float = 4.0
+    gradient_sigma_px: float = 2.0
+    xray_blur_px: float = 0.0
+    robust_iterations: int = 2
+    damping_initial: float = 0.05
+    damping_min: float = 1e-5
+    damping_offset_px: float = 2.0
+    out_of_plane_damping: float = 10.0
+    out_of_plane_min: float = 0.1
+    out_of_plane_noise_px: float = 0.5
+    ransac_hypotheses: int = 256
+    ransac_sample: int = 12
+    ransac_threshold_px: float = 1.5
+    max_update_mm: float = 30.0
+    coarse_search_px: float = 32.0
+    coarse_min_gain: float = 0.02
+    coarse_angles_deg: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
+    max_drift_mm: float = 75.0
+    patience: int = 0
+    window_margin_px: int = 24
+    window_px: int = 0
+    solver: str = "robust"
+    plain_out_of_plane: float = 1.0
+    flow_flips: int = 4
+    refine_iterations: int = DEFAULT_ITERATIONS
+    refine_sigmas_px: tuple[float, ...] = DEFAULT_SIGMAS_PX
+    refine_grids_px: tuple[int, ...] = DEFAULT_GRIDS_PX
+    refine_solvers: tuple[str, ...] = DEFAULT_SOLVERS
+    refine_highpass_px: float = 4.0
+    refine_blur_px: float = 0.75
+    refine_iterations_per_update: int = 0
+    retry_below_similarity: float = 0.7
+    retry_patience: int = 5
+    lm: bool = True
+    lm_min: float = 1e-3
+    lm_max: float = 100.0
+    lm_cap_px: float = 3.0
+    settle_mm: float = 0.5
+    settle_updates: int = 3
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("robust", "plain"):
+            raise InputError(f"solver must be 'robust' or 'plain', got {self.solver!r}")
+        if self.refine_iterations < 0 or (self.refine_iterations and (not self.refine_sigmas_px or any(
+                not (float(x) > 0) for x in self.refine_sigmas_px))):
+            raise InputError("refine_iterations must be >= 0 and refine_sigmas_px positive scales (pixels), got "
+                             f"{self.refine_iterations} and {self.refine_sigmas_px}")
+        self.refine_sigmas_px = tuple(float(x) for x in self.refine_sigmas_px)
+        self.refine_grids_px = tuple(int(x) for x in self.refine_grids_px)
+        if len(self.refine_grids_px) != len(self.refine_sigmas_px) or min(self.refine_grids_px, default=1) < 1:
+            raise InputError(f"refine_grids_px needs one whole number >= 1 per refinement scale, got "
+                             f"{self.refine_grids_px} for the scales {self.refine_sigmas_px}")
+        self.refine_solvers = tuple(str(x) for x in self.refine_solvers)
+        if len(self.refine_solvers) != len(self.refine_sigmas_px) or not set(self.refine_solvers) <= set(SOLVERS):
+            raise InputError(f"refine_solvers needs one of {SOLVERS} per refinement scale, got {self.refine_solvers}")
+        if self.flow_flips not in (1, 2, 4):
+            raise InputError(f"flow_flips must be 1, 2 or 4 (mirrorings the learned flow is averaged over), got "
+                             f"{self.flow_flips}")
+        if int(self.window_px) < 0 or int(self.window_px) != self.window_px:
+            raise InputError(f"window_px must be a non-negative whole number of pixels (0 = around the region of "
+                             f"interest), got {self.window_px}")
+
+    def resolved_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IterationState:
+    """What one update did (tensors on the CPU).
+
+    points_3d ``(N, 3)`` contour points in the CT frame (mm, before T); uv ``(N, 2)`` their projections at the
+    estimate used for this update and uv_matched ``(N, 2)`` their correspondences (pixels, u = column);
+    weights ``(N,)`` in [0, 1]; drr ``(H, W)`` the DRR at that estimate (full detector, zero outside the
+    rendered window); T ``(4, 4)`` the estimate after the update; operator: the method of the configuration
+    that made the update (a chained pipeline switches from a learned one to ``classic``).
+    """
+
+    iteration: int
+    T: torch.Tensor
+    update_mm: float
+    update_deg: float
+    n_contour: int
+    mean_weight: float
+    seconds: float
+    similarity: float
+    mtre_mm: float | None
+    points_3d: torch.Tensor
+    uv: torch.Tensor
+    uv_matched: torch.Tensor
+    weights: torch.Tensor
+    drr: torch.Tensor
+    status: str = "running"
+    message: str = ""
+    operator: str = ""
+
+    def summary(self) -> dict:
+        """Scalars only (for JSON and logs)."""
+        return {"iteration": self.iteration, "update_mm": self.update_mm, "update_deg": self.update_deg,
+                "n_contour": self.n_contour, "mean_weight": self.mean_weight, "seconds": self.seconds,
+                "similarity": self.similarity, "mtre_mm": self.mtre_mm, "status": self.status,
+                "operator": self.operator}
+
+
+@dataclass
+class RegistrationResult:
+    """Final outcome of :meth:`Registration.run`."""
+
+    T: torch.Tensor
+    best_T: torch.Tensor
+    status: str
+    iterations: int
+    seconds: float
+    history: list[IterationState] = field(default_factory=list)
+    message: str = ""
