@@ -184,9 +184,12 @@ class SimilarityWindow:
             crop_projection(proj, u0 - pc * f, v0 - pc * f, (wc + 2 * pc) * f, (hc + 2 * pc) * f), f)
         self._crop = (pc, hc, wc)
         self.window = (u0, v0, ww, wh)
+        # the X-ray's gradients at full resolution on a padded crop (borders replicated), sampled at the rendered
+        # pixels (detector pixel f * j of the window).  (Sampling the X-ray first and filtering it as the DRRs, so
+        # that both alias alike, rescued 1 of 4 lumbar cases the coarse grids lose and lost another.)
         x = xray.to(torch.float32)
         H, W = x.shape
-        rows = torch.arange(v0 - pad, v0 + hc * f + pad, device=dev).clamp(0, H - 1)  # replicated borders
+        rows = torch.arange(v0 - pad, v0 + hc * f + pad, device=dev).clamp(0, H - 1)
         cols = torch.arange(u0 - pad, u0 + wc * f + pad, device=dev).clamp(0, W - 1)
         g = highpass(image_gradient(x[rows][:, cols][None], sigma_px=self.sigma), self.highpass)
         self.xray_gradient = g[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]  # (1, 2, hc, wc)
@@ -213,7 +216,43 @@ class SimilarityWindow:
                            gradient_correlation(g, self.xray_gradient.expand_as(g)))
 
 
-class PoseRefiner:
+class _ScaleRefiner:
+    """What the refiners of one scale share: the similarity window, the pose parameterisation about the region's
+    centre, the bookkeeping and the result."""
+
+    def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
+                 points: torch.Tensor, *, sigma_px: float, iterations: int, highpass_px: float, blur_px: float,
+                 margin_px: int, grid_px: int) -> None:
+        if iterations < 1:
+            raise InputError("refinement needs at least one iteration")
+        self.t0 = time.perf_counter()
+        self.renderer = renderer
+        dev = renderer.device
+        self.T0 = torch.as_tensor(T, dtype=torch.float64, device=dev).clone()
+        pts = points.to(dev, torch.float64)
+        self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
+                                    highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
+        self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
+        self._centre = transform_points(self.T0, pts).mean(0)
+        self.iterations, self.evaluations, self.iterations_done = int(iterations), 0, 0
+        self.message, self.done = "", False
+
+    def pose(self, d: torch.Tensor) -> torch.Tensor:
+        """Pose(s) ``(..., 4, 4)`` of scaled increments ``d (..., 6)`` about the region's centre."""
+        c = self._centre
+        return translation_matrix(c) @ se3_exp(d * self._scale) @ translation_matrix(-c) @ self.T0
+
+    def result(self) -> RefineResult:
+        """The outcome so far: the best pose when it raised the gradient correlation, else the starting pose."""
+        accepted = self.best > self.before and bool(torch.isfinite(self.best_T).all())
+        message = self.message
+        if not accepted:
+            message = message or f"the gradient correlation did not improve ({self.before:.4f})"
+        return RefineResult(T=(self.best_T if accepted else self.T0).detach().clone(), accepted=accepted,
+                            similarity_before=self.before, similarity_after=self.best if accepted else self.before,
+                            evaluations=self.evaluations, seconds=time.perf_counter() - self.t0, message=message)
+
+class PoseRefiner(_ScaleRefiner):
     """The refinement of a pose at one gradient scale: Levenberg–Marquardt (damped Gauss–Newton) steps on the
     gradient correlation, run in pieces (:meth:`advance`) so that a GUI can show progress and stay responsive;
     :func:`refine_pose` runs all scales in one go (docs/design.md §4.3).
@@ -238,30 +277,15 @@ class PoseRefiner:
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = 6, highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, fd_step: float = DEFAULT_FD_STEP) -> None:
-        if iterations < 1:
-            raise InputError("refinement needs at least one iteration")
-        self.t0 = time.perf_counter()
-        self.renderer = renderer
+        super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
+                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
         dev = renderer.device
-        self.T0 = torch.as_tensor(T, dtype=torch.float64, device=dev).clone()
-        pts = points.to(dev, torch.float64)
-        self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
-                                    highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
-        self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
-        self._centre = transform_points(self.T0, pts).mean(0)
-        self.iterations, self.h = int(iterations), float(fd_step)
-        self.evaluations = self.iterations_done = 0
-        self.message, self.done, self.lam = "", False, 1e-3
+        self.h, self.lam = float(fd_step), 1e-3
         self._d = torch.zeros(6, dtype=torch.float64, device=dev)
         self._alphas = torch.tensor(LINE_SEARCH, dtype=torch.float64, device=dev)
         self._r, self._J = self._linearise(self._d)
         self.before = 1.0 - float(self._r @ self._r) / 4.0
         self.best, self.best_T = self.before, self.T0
-
-    def pose(self, d: torch.Tensor) -> torch.Tensor:
-        """Pose(s) ``(..., 4, 4)`` of scaled increments ``d (..., 6)`` about the region's centre."""
-        c = self._centre
-        return translation_matrix(c) @ se3_exp(d * self._scale) @ translation_matrix(-c) @ self.T0
 
     def _linearise(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual ``(M,)`` at ``d`` and its forward-difference Jacobian ``(M, 6)``: one batch of seven DRRs."""
@@ -311,18 +335,7 @@ class PoseRefiner:
             self.done = self.done or self.iterations_done >= self.iterations
         return self.done
 
-    def result(self) -> RefineResult:
-        """The outcome so far: the best pose when it raised the gradient correlation, else the starting pose."""
-        accepted = self.best > self.before and bool(torch.isfinite(self.best_T).all())
-        message = self.message
-        if not accepted:
-            message = message or f"the gradient correlation did not improve ({self.before:.4f})"
-        return RefineResult(T=(self.best_T if accepted else self.T0).detach().clone(), accepted=accepted,
-                            similarity_before=self.before, similarity_after=self.best if accepted else self.before,
-                            evaluations=self.evaluations, seconds=time.perf_counter() - self.t0, message=message)
-
-
-class GradientRefiner:
+class GradientRefiner(_ScaleRefiner):
     """The refinement of a pose at one gradient scale by L-BFGS on the gradient correlation, with its exact gradient
     (autograd through the renderer) and a strong-Wolfe line search: slower per iteration than
     :class:`PoseRefiner`'s batched Gauss-Newton steps but with a wider capture range far from the optimum (measured on
@@ -333,27 +346,15 @@ class GradientRefiner:
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = 20, highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1) -> None:
-        if iterations < 1:
-            raise InputError("refinement needs at least one iteration")
-        self.t0 = time.perf_counter()
-        self.renderer = renderer
+        super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
+                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
         dev = renderer.device
-        self.T0 = torch.as_tensor(T, dtype=torch.float64, device=dev).clone()
-        pts = points.to(dev, torch.float64)
-        self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
-                                    highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
-        self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
-        self._centre = transform_points(self.T0, pts).mean(0)
-        self.iterations, self.evaluations, self.iterations_done = int(iterations), 0, 0
-        self.message, self.done = "", False
         with torch.no_grad():
             self.before = float(self._similarity(torch.zeros(6, dtype=torch.float64, device=dev)))
         self.best, self.best_T = self.before, self.T0
         self._d = torch.zeros(6, dtype=torch.float64, device=dev, requires_grad=True)
         self._opt = torch.optim.LBFGS([self._d], lr=1.0, max_iter=self.iterations, line_search_fn="strong_wolfe",
                                       tolerance_grad=1e-10, tolerance_change=1e-12)
-
-    pose = PoseRefiner.pose
 
     def _similarity(self, d: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
@@ -397,7 +398,6 @@ class GradientRefiner:
         self.done = bool(self.message) or self.iterations_done >= self.iterations or ran < k
         return self.done
 
-    result = PoseRefiner.result
 
 
 class _Stopped(Exception):

@@ -154,22 +154,30 @@ def test_classic_registration_ends_with_the_refinement(lumbar):
 
 
 def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
-    """Case 91 starts 0.8 mm off; the first attempt's PPC updates drift away while the image similarity falls
-    (3.9 mm after 30 updates, worse after the refinement).  Its similarity is below that of the initial
-    estimate, so the registration starts again from the initial estimate without the 2D pre-alignment,
-    stopping when the similarity stops improving, refines, and keeps the best of both attempts."""
+    """When the first attempt's result correlates poorly with the X-ray (here: a similarity bar no result reaches,
+    retry_below_similarity 1.01), the registration starts again from the initial estimate without the 2D
+    pre-alignment, stopping when the similarity stops improving, refines, and keeps whichever of the attempts'
+    results and the initial estimate correlates best (case 91, 0.8 mm off: whichever is kept is below 1 mm)."""
+    from PPCRegistrationLib.refine import pose_similarity
+
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 91, (0, 20))
-    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(), T_gt=case.T_gt,
+    cfg = RegistrationConfig(retry_below_similarity=1.01)
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
                        surface=surface, renderer=renderer)
     res = reg.run()
     restart = [st for st in res.history if "starting again" in st.message]
     assert len(restart) == 1 and reg.attempt == 2
     assert torch.allclose(restart[0].T.to(torch.float64), case.T_init)
-    assert "kept the second attempt" in res.history[-1].message
+    assert "kept the" in res.history[-1].message
+    sims = [pose_similarity(renderer, case.xray, case.projection, T, pts, sigma_px=cfg.refine_sigmas_px[-1])
+            for T in (res.T, case.T_init)]
+    assert sims[0] >= sims[1]
     assert float(mtre(res.T, case.T_gt, pts)) < 1.0
-    assert res.status == "converged"
+    # keeping the initial estimate reports the attempts as diverged; an attempt's result, its own outcome
+    kept_initial = "kept the initial estimate" in res.history[-1].message
+    assert res.status == ("diverged" if kept_initial else "converged")
     reg.reset()
     assert reg.attempt == 1 and reg.ppc_iterations == 0
 
