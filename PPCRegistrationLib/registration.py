@@ -131,6 +131,9 @@ class Registration:
         self._attempt_prealign = True  # the current attempt starts with the 2D pre-alignment (when configured)
         self._attempt_patience = False  # the current attempt stops on a falling similarity (retry_patience)
         self._candidates: list[tuple[float, torch.Tensor, str]] = []
+        #: the current attempt's thorough refinement: "" (not yet), "running", "done"
+        self._thorough = ""
+        self._ppc_end = self.T_init.clone()
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
 
     def stop(self) -> None:
@@ -213,6 +216,7 @@ class Registration:
         if done:
             # after a divergence the estimate was reverted to the best one: the refinement starts from there
             self._ppc_outcome = st.status if st.status != "running" else "max_iterations"
+            self._ppc_end = self.T.clone()
             self.refining = True
             self.refine_level = 0
             st.status = "running"
@@ -229,12 +233,14 @@ class Registration:
         sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
         if self._refiner is None:
             self._refine_start = self.T.clone()
-            self._refiner = make_refiner(cfg.refine_solvers[self.refine_level], self.renderer, self.xray,
-                                         self.projection, self.T, self.surface.points,
-                                        sigma_px=sigma, iterations=int(cfg.refine_iterations),
-                                        grid_px=int(cfg.refine_grids_px[self.refine_level]),
-                                        highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
-                                        margin_px=int(cfg.window_margin_px))
+            # the thorough pass (see RegistrationConfig.refine_thorough_iterations): L-BFGS at full resolution
+            thorough = self._thorough == "running"
+            self._refiner = make_refiner("lbfgs" if thorough else cfg.refine_solvers[self.refine_level],
+                                         self.renderer, self.xray, self.projection, self.T, self.surface.points,
+                                         sigma_px=sigma, grid_px=1 if thorough else int(cfg.refine_grids_px[self.refine_level]),
+                                         iterations=int(cfg.refine_thorough_iterations if thorough else cfg.refine_iterations),
+                                         highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
+                                         margin_px=int(cfg.window_margin_px))
         T = self._refine_start
         refiner = self._refiner
         done = refiner.advance(int(cfg.refine_iterations_per_update) or None, lambda: self.stop_requested)
@@ -315,6 +321,7 @@ class Registration:
         self.attempt += 1
         self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
         self._attempt_prealign, self._attempt_patience = prealign, patience
+        self._thorough = ""
         self._restart_from_initial()
 
     def _end_attempt(self, similarity: float) -> tuple[str, str]:
@@ -325,8 +332,22 @@ class Registration:
         self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()
         good = similarity >= cfg.retry_below_similarity and similarity > initial
-        if self.attempt == 1 and (good or self.stop_requested):
+        if self._thorough == "running":
+            self._thorough = "done"
+        if self.attempt == 1 and self.stop_requested:
             return self._ppc_outcome, ""
+        if self.attempt == 1 and good and len(self._candidates) == 1:
+            return self._ppc_outcome, ""
+        if not good and not self.stop_requested and self._attempt_prealign and not self._thorough and \
+                cfg.refine_thorough_iterations > 0:
+            # refine the PPC result once more, thoroughly, before starting again from the initial estimate (in an
+            # attempt that starts as the classic registration does, so a chained method's classic fallback still
+            # reproduces the classic registration)
+            self._thorough = "running"
+            self.T = self._ppc_end.clone()
+            self.refining, self.refine_level = True, 0
+            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
+                               "refining the PPC result again at full resolution")
         plan = self.retry_plan()
         if not good and not self.stop_requested and self.attempt <= len(plan):
             prealign, patience, what = plan[self.attempt - 1]
@@ -339,8 +360,7 @@ class Registration:
         sim, T, outcome = options[k]
         self.T = T.clone()
         self.best_T = T.clone()
-        names = ["the first attempt", "the second attempt", "the third attempt"]
-        which = "the initial estimate" if k == len(options) - 1 else (names[k] if k < 3 else f"attempt {k + 1}")
+        which = "the initial estimate" if k == len(options) - 1 else f"the result {k + 1} of {len(options) - 1}"
         return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
 
     def _similarity(self, T: torch.Tensor) -> float:

@@ -299,11 +299,12 @@ def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir
                                   surface=surface, renderer=renderer)
         return reg, reg.run()
 
+    # candidates: each pre-aligned attempt's result and its thorough re-refinement, then the retry's result
     classic, res_c = run(methods.resolve_method("classic"))
-    assert classic.attempt == 2 and len(classic._candidates) == 2
+    assert classic.attempt == 2 and len(classic._candidates) == 3
     pipe, res_p = run(methods.resolve_method("flow+classic", models_dir=models_dir))
-    assert pipe.attempt == 3 and len(pipe._candidates) == 3
-    for (sim_p, T_p, _), (sim_c, T_c, _) in zip(pipe._candidates[1:], classic._candidates):
+    assert pipe.attempt == 3 and len(pipe._candidates) == 5
+    for (sim_p, T_p, _), (sim_c, T_c, _) in zip(pipe._candidates[2:], classic._candidates):
         assert torch.allclose(T_p, T_c, atol=1e-9) and sim_p == pytest.approx(sim_c, abs=1e-9)
     messages = " ".join(st.message for st in res_p.history)
     assert "with the classic registration (2D pre-alignment" in messages and "without the 2D pre-alignment" in messages
@@ -313,7 +314,7 @@ def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir
     ops = [st.operator for st in res_p.history]
     assert ops[0] == "flow" and "flow" not in ops[1:]  # the fallback attempts are classic
     off, _ = run(methods.resolve_method("flow+classic", models_dir=models_dir, classic_fallback=False))
-    assert off.attempt == 2 and len(off._candidates) == 2
+    assert off.attempt == 2 and len(off._candidates) == 3
 
 
 def test_learned_operator_renders_the_window_it_was_trained_on(lumbar, tmp_path):

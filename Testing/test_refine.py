@@ -170,7 +170,10 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
     restart = [st for st in res.history if "starting again" in st.message]
     assert len(restart) == 1 and reg.attempt == 2
     assert torch.allclose(restart[0].T.to(torch.float64), case.T_init)
-    assert "kept the" in res.history[-1].message
+    # before the restart, the first attempt's PPC result was refined once more at full resolution
+    thorough = [i for i, st in enumerate(res.history) if "refining the PPC result again" in st.message]
+    assert len(thorough) == 1 and thorough[0] < res.history.index(restart[0])
+    assert "kept the" in res.history[-1].message and "of 3" in res.history[-1].message
     sims = [pose_similarity(renderer, case.xray, case.projection, T, pts, sigma_px=cfg.refine_sigmas_px[-1])
             for T in (res.T, case.T_init)]
     assert sims[0] >= sims[1]
