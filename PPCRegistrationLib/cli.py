@@ -633,16 +633,16 @@ def _cmd_bench(args) -> int:
 
     def whole_refinement():
         r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine_sigmas_px,
-                        grids_px=cfg.refine_grids_px, iterations=cfg.refine_iterations,
+                        grids_px=cfg.refine_grids_px, solvers=cfg.refine_solvers, iterations=cfg.refine_iterations,
                         highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px, margin_px=cfg.window_margin_px)
         evals.append(r.evaluations)
 
     _say("")
-    _say(f"intensity refinement (refine.refine_pose: {cfg.refine_iterations} Levenberg-Marquardt iterations per scale "
-         f"at most, scales {cfg.refine_sigmas_px} px on grids {cfg.refine_grids_px})")
+    _say(f"intensity refinement (refine.refine_pose: at most {cfg.refine_iterations} iterations per scale, scales "
+         f"{cfg.refine_sigmas_px} px on grids {cfg.refine_grids_px}, solvers {cfg.refine_solvers})")
     for sigma, grid in zip(cfg.refine_sigmas_px, cfg.refine_grids_px):
         pr = PoseRefiner(renderer, reg.xray, reg.projection, T, P0, sigma_px=sigma, grid_px=grid, iterations=1)
-        _say(f"{f'one iteration at {sigma:g} px (7 DRRs, grid {grid})':<40} "
+        _say(f"{f'one batch of 7 DRRs at {sigma:g} px (grid {grid})':<40} "
              f"{_median_ms(lambda: pr._linearise(pr._d), reps, sync):>12.2f}")
     t_all = _median_ms(whole_refinement, reps, sync)
     _say(f"{'whole refinement (' + str(int(statistics.median(evals))) + ' DRRs)':<40} {t_all:>12.2f}")

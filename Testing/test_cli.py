@@ -266,7 +266,7 @@ def test_bench_small(capsys, lumbar_ct_path, lumbar_labels_path):
                          "L3", "--sizes", "32", "--step-px", "96", "--repeats", "1")
     assert code == 0, err
     for word in ("DRRRenderer", "reference", "render", "gradients", "contour", "matching", "solve",
-                 "intensity refinement", "one iteration at", "whole refinement (", "whole registration ("):
+                 "intensity refinement", "one batch of 7 DRRs at", "whole refinement (", "whole registration ("):
         assert word in out, word
 
 
