@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from typing import Callable
 
 import torch
 
+from .attempts import RefineAndRestart
 from .config import (REFINE, STATUSES, IterationState, RegistrationConfig, RegistrationResult,  # noqa: F401
                      Status)
 from .drr import DRRRenderer, image_gradient
@@ -32,7 +32,7 @@ from .geometry import Projection, crop_projection, invert_rigid, rotation_angle_
 from .matchers import ClassicMatcher, Matcher, OracleMatcher  # noqa: F401 (re-exported)
 from .metrics import mtre as mtre_fn
 from .prealign import PREALIGN_SIGMA_PX, prealign
-from .refine import PoseRefiner, gradient_correlation, make_refiner, pose_similarity
+from .refine import PoseRefiner, gradient_correlation
 from .solvers import PlainSolver, RobustSolver, reprojection_cost
 from .update import UpdateState, match, ppc_update
 from .volume import Volume
@@ -46,7 +46,7 @@ def gradient_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(gradient_correlation(a, b)[0])
 
 
-class Registration:
+class Registration(RefineAndRestart):
     """Single-view rigid 2D/3D registration of a CT to an X-ray with the PPC update operator.
 
     Args:
@@ -223,161 +223,6 @@ class Registration:
             self.status = "running"
             st.message = (st.message + "; " if st.message else "") + "intensity refinement follows"
         return st
-
-    def _refine_step(self) -> IterationState:
-        """One scale of the intensity refinement (:class:`~PPCRegistrationLib.refine.PoseRefiner`), or a part of it
-        (``refine_iterations_per_update``)."""
-        t0 = time.perf_counter()
-        cfg = self.config
-        sigmas = cfg.refine_sigmas_px
-        sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
-        if self._refiner is None:
-            self._refine_start = self.T.clone()
-            # the thorough pass (see RegistrationConfig.refine_thorough_iterations): L-BFGS at full resolution
-            thorough = self._thorough == "running"
-            self._refiner = make_refiner("lbfgs" if thorough else cfg.refine_solvers[self.refine_level],
-                                         self.renderer, self.xray, self.projection, self.T, self.surface.points,
-                                         sigma_px=sigma, grid_px=1 if thorough else int(cfg.refine_grids_px[self.refine_level]),
-                                         iterations=int(cfg.refine_thorough_iterations if thorough else cfg.refine_iterations),
-                                         highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
-                                         margin_px=int(cfg.window_margin_px))
-        T = self._refine_start
-        refiner = self._refiner
-        done = refiner.advance(int(cfg.refine_iterations_per_update) or None, lambda: self.stop_requested)
-        res = refiner.result()
-        if not done:  # part of a scale: show the best pose so far, decide at the end of the scale
-            T_prev = self.T
-            self.T = res.T.to(T)
-            return self._refine_state(t0, T_prev, "running", res.similarity_after,
-                                      f"intensity refinement at {sigma:g} px: gradient correlation "
-                                      f"{res.similarity_before:.4f} -> {res.similarity_after:.4f} so far")
-        self._refiner = None
-        T_new = res.T.to(T)
-        drift = float(mtre_fn(T_new, self.T_init, self.targets))
-        if res.accepted and drift > cfg.max_drift_mm:
-            # the image similarity barely constrains the depth: a refinement that wanders off is not taken
-            res = replace(res, accepted=False, T=T.clone(), similarity_after=res.similarity_before,
-                          message=f"it moved the estimate {drift:.1f} mm away from the initial transform (limit "
-                                  f"{cfg.max_drift_mm} mm)")
-            T_new = T
-        self.refine_level += 1
-        last = self.refine_level >= len(sigmas) or res.message == "stopped on request"
-        status = self._ppc_outcome if last else "running"
-        if res.accepted:
-            self.T = T_new
-            self.best_T = T_new.clone()
-            message = (f"intensity refinement at {sigma:g} px: gradient correlation {res.similarity_before:.4f} -> "
-                       f"{res.similarity_after:.4f} ({res.evaluations} renders)")
-        else:
-            self.T = T.clone()  # (partial updates may have shown other poses)
-            message = f"intensity refinement at {sigma:g} px kept the estimate: {res.message}"
-        if last:
-            self.refining = False
-            status, extra = self._end_attempt(res.similarity_after)
-            message = message + extra
-        return self._refine_state(t0, T, status, res.similarity_after, message)
-
-    def _refine_state(self, t0: float, T_prev: torch.Tensor, status: str, similarity: float,
-                      message: str) -> IterationState:
-        """Append and return the IterationState of a refinement update (DRR at the new estimate, no points)."""
-        proj = self.projection
-        drr_full = torch.zeros(proj.height, proj.width)
-        win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
-        if win is not None:
-            u0, v0, ww, wh = win
-            with torch.no_grad():
-                drr = self.renderer.render(crop_projection(proj, u0, v0, ww, wh), self.T[None])
-            drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
-        empty = torch.zeros(0, 3, dtype=torch.float64)
-        st = IterationState(iteration=self.iteration + 1, T=self.T.detach().cpu().clone(),
-                            update_mm=float(mtre_fn(self.T, T_prev, self.targets)),
-                            update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T_prev))), n_contour=0,
-                            mean_weight=0.0, seconds=time.perf_counter() - t0, similarity=similarity,
-                            mtre_mm=self.mtre(self.T), points_3d=empty, uv=empty[:, :2], uv_matched=empty[:, :2],
-                            weights=empty[:, 0], drr=drr_full, status=status, message=message, operator=REFINE)
-        self.history.append(st)
-        self.status = status
-        return st
-
-    def retry_plan(self) -> list[tuple[bool, bool, str]]:
-        """The attempts that follow a first attempt whose result correlates poorly with the X-ray, in order, each from
-        the initial estimate: ``(pre-align, stop on a falling similarity, description)``. Here one retry without the
-        2D pre-alignment that stops when the similarity stops improving (``retry_patience``)."""
-        return [(False, True, "without the 2D pre-alignment")]
-
-    def _restart_from_initial(self) -> None:
-        """The estimate, best estimate, search range and damping as at the start of a registration."""
-        self.T = self.T_init.clone()
-        self.best_T = self.T_init.clone()
-        self.best_similarity = -math.inf
-        self.since_best = 0
-        self.search_px = float(self.config.search_px)
-        self.damping = float(self.config.damping_initial)
-        self.lm_lambda = 1.0
-        self._lm_prev = None
-
-    def _start_attempt(self, prealign: bool, patience: bool) -> None:
-        """Begin the next attempt from the initial estimate."""
-        self.attempt += 1
-        self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
-        self._attempt_prealign, self._attempt_patience = prealign, patience
-        self._thorough = ""
-        self._restart_from_initial()
-
-    def _end_attempt(self, similarity: float) -> tuple[str, str]:
-        """After the refinement of an attempt: the next attempt from the initial estimate (:meth:`retry_plan`) when
-        this one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
-        estimate that correlates best). Returns the status of the update and a note for its message."""
-        cfg = self.config
-        self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
-        initial = self._initial_similarity()
-        good = similarity >= cfg.retry_below_similarity and similarity > initial
-        if self._thorough == "running":
-            self._thorough = "done"
-        if self.attempt == 1 and self.stop_requested:
-            return self._ppc_outcome, ""
-        if self.attempt == 1 and good and len(self._candidates) == 1:
-            return self._ppc_outcome, ""
-        if not good and not self.stop_requested and self._attempt_prealign and not self._thorough and \
-                cfg.refine_thorough_iterations > 0:
-            # refine the PPC result once more, thoroughly, before starting again from the initial estimate (in an
-            # attempt that starts as the classic registration does, so a chained method's classic fallback still
-            # reproduces the classic registration)
-            self._thorough = "running"
-            self.T = self._ppc_end.clone()
-            self.refining, self.refine_level = True, 0
-            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               "refining the PPC result again at full resolution")
-        plan = self.retry_plan()
-        if not good and not self.stop_requested and self.attempt <= len(plan):
-            prealign, patience, what = plan[self.attempt - 1]
-            self._start_attempt(prealign, patience)
-            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               f"starting again from the initial estimate {what}")
-        # the attempts' results and the initial estimate, in this order
-        options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
-        k = max(range(len(options)), key=lambda i: options[i][0])
-        sim, T, outcome = options[k]
-        self.T = T.clone()
-        self.best_T = T.clone()
-        which = "the initial estimate" if k == len(options) - 1 else f"the result {k + 1} of {len(options) - 1}"
-        return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
-
-    def _similarity(self, T: torch.Tensor) -> float:
-        """The refinement's gradient correlation (finest scale) of a pose, without gradients."""
-        cfg = self.config
-        return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
-                               sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
-                               blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
-
-    def _initial_similarity(self) -> float:
-        """The refinement's gradient correlation at the initial estimate (computed once)."""
-        if self._initial_sim is None:
-            try:
-                self._initial_sim = self._similarity(self.T_init)
-            except InputError:  # the initial estimate projects outside the detector
-                self._initial_sim = -math.inf
-        return float(self._initial_sim)
 
     def _ppc_step(self) -> IterationState:
         """One PPC update of the operator from the current estimate; returns what it did."""
