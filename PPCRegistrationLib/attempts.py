@@ -37,8 +37,10 @@ class RefineAndRestart:
             thorough = self._thorough == "running"
             self._refiner = make_refiner("lbfgs" if thorough else cfg.refine_solvers[self.refine_level],
                                          self.renderer, self.xray, self.projection, self.T, self.surface.points,
-                                         sigma_px=sigma, grid_px=1 if thorough else int(cfg.refine_grids_px[self.refine_level]),
-                                         iterations=int(cfg.refine_thorough_iterations if thorough else cfg.refine_iterations),
+                                         sigma_px=sigma,
+                                         grid_px=1 if thorough else int(cfg.refine_grids_px[self.refine_level]),
+                                         iterations=int(cfg.refine_thorough_iterations if thorough
+                                                        else cfg.refine_iterations),
                                          highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
                                          margin_px=int(cfg.window_margin_px))
         T = self._refine_start

@@ -275,8 +275,10 @@ class PoseRefiner(_ScaleRefiner):
     """
 
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
-                 points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = 6, highpass_px: float = 4.0,
-                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, fd_step: float = DEFAULT_FD_STEP) -> None:
+                 points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
+                 highpass_px: float = 4.0,
+                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1,
+                 fd_step: float = DEFAULT_FD_STEP) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
         dev = renderer.device
@@ -344,7 +346,8 @@ class GradientRefiner(_ScaleRefiner):
     are L-BFGS iterations (each one or a few renders with gradients)."""
 
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
-                 points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = 20, highpass_px: float = 4.0,
+                 points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
+                 highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)

@@ -295,7 +295,8 @@ class Registration(RefineAndRestart):
                           "kept the best estimate", self.T, **kw)
         w_c, g_c = w_all[idx][None], g_all[idx][None]
         uv_c = uv_win[idx][None].float()
-        state = UpdateState(T=T[None], points=w_c, gradients=g_c, uv=uv_c, mask=torch.ones_like(uv_c[..., 0], dtype=torch.bool),
+        state = UpdateState(T=T[None], points=w_c, gradients=g_c, uv=uv_c,
+                            mask=torch.ones_like(uv_c[..., 0], dtype=torch.bool),
                             projection=sub, drr=drr, xray=xray_win, drr_grad=drr_grad, xray_grad=xray_grad,
                             normals=project_normals(proj, w_c, g_c).float(), search_px=self.search_px,
                             context={"iteration": it, "sigma_px": sigma, "T": T, "T_gt": self.T_gt,
@@ -315,7 +316,8 @@ class Registration(RefineAndRestart):
         if cfg.solver == "plain":  # the learned operator's own solve, as in training
             solver = PlainSolver(cfg.plain_out_of_plane, cfg.damping_min)
         else:
-            solver, rejected = self._robust_solver(w_c, g_c, sub.ray_directions(uv_m), weights, uv_m, uv_c, T)
+            rays = sub.ray_directions(uv_m)
+            solver, rejected, cost = self._robust_solver(w_c, g_c, rays, weights, uv_m, uv_c, T)
             if rejected:
                 return finish("running", rejected, self.T, update_mm=float(mtre_fn(self.T, T, self.targets)),
                               update_deg=float(rotation_angle_deg(self.T @ invert_rigid(T))),
@@ -323,9 +325,7 @@ class Registration(RefineAndRestart):
         res = ppc_update(state, self.matcher, solver, matches=(uv_m, weights))
         sol = res.solve.solution
         if cfg.lm and cfg.solver != "plain":
-            rays = sub.ray_directions(uv_m)
-            self._lm_prev = (self._lm_cost, reprojection_cost(w_c, g_c, sub, rays, weights, sol, cfg.lm_cap_px),
-                             T.clone())
+            self._lm_prev = (cost, reprojection_cost(w_c, g_c, sub, rays, weights, sol, cfg.lm_cap_px), T.clone())
         final_w = res.weights[0].float().clamp(0, 1)
         if bool(sol.rank_deficient[0]):
             self.T = self.best_T.clone()
@@ -358,7 +358,8 @@ class Registration(RefineAndRestart):
         self.T = T_new
         if upd_mm < cfg.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
-        recent = [st.update_mm for st in self.history[self._attempt_start:] if st.operator != REFINE][-(cfg.settle_updates - 1):]
+        ppc_updates = [st.update_mm for st in self.history[self._attempt_start:] if st.operator != REFINE]
+        recent = ppc_updates[-(cfg.settle_updates - 1):]
         if cfg.settle_updates > 0 and len(recent) == cfg.settle_updates - 1 and max(recent + [upd_mm]) < cfg.settle_mm:
             return finish("converged", f"the last {cfg.settle_updates} updates moved the estimate less than "
                           f"{cfg.settle_mm:g} mm each: at the PPC loop's fixed point", T_new, **kw)
@@ -371,9 +372,11 @@ class Registration(RefineAndRestart):
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)
 
-    def _robust_solver(self, points, gradients, rays, weights, uv_m, uv_c, T) -> tuple[RobustSolver, str]:
-        """The classic solve of this update (docs/design.md §4.2), and a message when the Levenberg–Marquardt rule
-        rejects the previous step instead (the estimate is then back at the previous one).
+    def _robust_solver(self, points, gradients, rays, weights, uv_m, uv_c,
+                       T) -> tuple[RobustSolver | None, str, float]:
+        """The classic solve of this update (docs/design.md §4.2), a message when the Levenberg–Marquardt rule
+        rejects the previous step instead (the estimate is then back at the previous one), and the re-projection cost
+        of this update's correspondences (px^2; nan without the Levenberg–Marquardt control).
 
         The damping follows the size of the observed 2D displacements (large, unreliable ones far from the solution
         are damped; near it the weak depth directions are released), times the Levenberg–Marquardt factor, which
@@ -383,17 +386,18 @@ class Registration(RefineAndRestart):
         disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
         ratio = min(1.0, (float(disp.median()) if disp.numel() else cfg.search_px) / cfg.damping_offset_px)
         self.damping = float(max(cfg.damping_min, cfg.damping_initial * ratio ** 2))
+        cost = math.nan
         if cfg.lm:
-            self._lm_cost = reprojection_cost(points, gradients, self.projection, rays, weights, None, cfg.lm_cap_px)
+            cost = reprojection_cost(points, gradients, self.projection, rays, weights, None, cfg.lm_cap_px)
             if self._lm_prev is not None:
                 c0, cp, T_prev = self._lm_prev
-                rho = (c0 - self._lm_cost) / max(c0 - cp, 1e-6 * c0, 1e-12)
+                rho = (c0 - cost) / max(c0 - cp, 1e-6 * c0, 1e-12)
                 if rho < 0:
                     self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 4.0)
                     self._lm_prev = None
                     self.T = T_prev.clone()
-                    return None, (f"step rejected (re-projection cost {c0:.3f} -> {self._lm_cost:.3f} px^2): back "
-                                  f"to the previous estimate, damping x{self.lm_lambda:.3g}")
+                    return None, (f"step rejected (re-projection cost {c0:.3f} -> {cost:.3f} px^2): back "
+                                  f"to the previous estimate, damping x{self.lm_lambda:.3g}"), cost
                 if rho < 0.25:
                     self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 2.0)
                 elif rho > 0.75:
@@ -405,7 +409,7 @@ class Registration(RefineAndRestart):
                             lm=self.lm_lambda if cfg.lm else 1.0, ransac_hypotheses=cfg.ransac_hypotheses,
                             ransac_sample=cfg.ransac_sample, ransac_threshold_px=cfg.ransac_threshold_px,
                             robust_iterations=cfg.robust_iterations,
-                            seed=cfg.seed * 7919 + self.ppc_iterations), ""
+                            seed=cfg.seed * 7919 + self.ppc_iterations), "", cost
 
     # ------------------------------------------------------------------ loop
     def run(self, callback: Callable[[IterationState], None] | None = None,
