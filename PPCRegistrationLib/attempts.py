@@ -1,6 +1,6 @@
 """The stages after the PPC updates (docs/design.md §4.3-4.4): the intensity refinement, one scale (or a piece of
-one) per update, and the restart policy: the thorough re-refinement of a poorly correlating result, the next
-attempt of :meth:`~RefineAndRestart.retry_plan` from the initial estimate, and the final choice of the result that
+one) per update, and the restart policy: the thorough re-refinement of a poorly correlating result, the schedule's
+next attempt (:class:`~PPCRegistrationLib.schedule.Schedule`) from the initial estimate, and the final choice of the result that
 correlates best with the X-ray (the initial estimate included).  A mixin of
 :class:`~PPCRegistrationLib.registration.Registration`, whose state it shares."""
 
@@ -101,12 +101,6 @@ class RefineAndRestart:
         self.status = status
         return st
 
-    def retry_plan(self) -> list[tuple[bool, bool, str]]:
-        """The attempts that follow a first attempt whose result correlates poorly with the X-ray, in order, each from
-        the initial estimate: ``(pre-align, stop on a falling similarity, description)``. Here one retry without the
-        2D pre-alignment that stops when the similarity stops improving (``retry_patience``)."""
-        return [(False, True, "without the 2D pre-alignment")]
-
     def _restart_from_initial(self) -> None:
         """The estimate, best estimate, search range and damping as at the start of a registration."""
         self.T = self.T_init.clone()
@@ -118,16 +112,16 @@ class RefineAndRestart:
         self.lm_lambda = 1.0
         self._lm_prev = None
 
-    def _start_attempt(self, prealign: bool, patience: bool) -> None:
-        """Begin the next attempt from the initial estimate."""
+    def _start_attempt(self) -> None:
+        """Begin the schedule's next attempt from the initial estimate, in its first phase."""
         self.attempt += 1
         self._attempt_start = len(self.history) + 1  # (the state being finished is appended after this)
-        self._attempt_prealign, self._attempt_patience = prealign, patience
         self._thorough = ""
+        self._enter_phase(0)
         self._restart_from_initial()
 
     def _end_attempt(self, similarity: float) -> tuple[str, str]:
-        """After the refinement of an attempt: the next attempt from the initial estimate (:meth:`retry_plan`) when
+        """After the refinement of an attempt: the schedule's next attempt from the initial estimate when
         this one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
         estimate that correlates best). Returns the status of the update and a note for its message."""
         cfg = self.config
@@ -140,7 +134,7 @@ class RefineAndRestart:
             return self._ppc_outcome, ""
         if self.attempt == 1 and good and len(self._candidates) == 1:
             return self._ppc_outcome, ""
-        if not good and not self.stop_requested and self._attempt_prealign and not self._thorough and \
+        if not good and not self.stop_requested and self.current_attempt.thorough and not self._thorough and \
                 cfg.refine_thorough_iterations > 0:
             # refine the PPC result once more, thoroughly, before starting again from the initial estimate (in an
             # attempt that starts as the classic registration does, so a chained method's classic fallback still
@@ -150,12 +144,11 @@ class RefineAndRestart:
             self.refining, self.refine_level = True, 0
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
                                "refining the PPC result again at full resolution")
-        plan = self.retry_plan()
-        if not good and not self.stop_requested and self.attempt <= len(plan):
-            prealign, patience, what = plan[self.attempt - 1]
-            self._start_attempt(prealign, patience)
+        if not good and not self.stop_requested and self.attempt < len(self.schedule.attempts):
+            self._start_attempt()
+            what = self.current_attempt.description
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               f"starting again from the initial estimate {what}")
+                               f"starting again from the initial estimate" + (f" {what}" if what else ""))
         # the attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])

@@ -107,7 +107,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         models_dir: folder of the default model files (default ``Resources/Models`` of the repository).
         learned_steps, switch_mm: when the chained methods switch to classic refinement.
         classic_fallback: chained methods fall back on the classic registration when their result correlates
-            poorly with the X-ray (:class:`~PPCRegistrationLib.methods.PipelineRegistration`).
+            poorly with the X-ray (:meth:`~PPCRegistrationLib.methods.Method.schedule`).
         config: base registration settings (``max_iterations``, ``tolerance_mm``, ``device`` are overridden).
         renderer, surface: precomputed DRR renderer / surface points of this CT and ROI.
         progress: show a tqdm progress bar over the cases (on stderr).

@@ -34,12 +34,13 @@ import torch
 from .devices import resolve_device
 from .errors import InputError, ModelFileError
 from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator_from_file
-from .registration import ClassicMatcher, IterationState, Matcher, Registration, RegistrationConfig
+from .registration import ClassicMatcher, Matcher, Registration, RegistrationConfig
+from .schedule import Attempt, PPCPhase, Schedule, single_schedule
 
 __all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
            "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "learned_config",
            "normalize_method", "parse_methods", "learned_part", "default_models_dir", "default_model_path",
-           "load_operator", "method_config", "Method", "resolve_method", "PipelineRegistration", "build_registration",
+           "load_operator", "method_config", "Method", "resolve_method", "build_registration",
            "models_from_mapping"]
 
 CLASSIC = "classic"
@@ -239,9 +240,31 @@ class Method:
             return method_config(self.name, base)
         return learned_config(self.operator, base, pixel_spacing_mm)
 
+    def schedule(self, base: RegistrationConfig | None = None, pixel_spacing_mm: float | None = None) -> Schedule:
+        """The method as data (docs/design.md §4.5): its attempts and their PPC phases, with ``base``'s common
+        settings (iterations, tolerance, device, ...; its ``method`` is ignored) on a detector of
+        ``pixel_spacing_mm``.
+
+        ``classic`` and a learned operator alone: one phase (:func:`~PPCRegistrationLib.schedule.single_schedule`).
+        ``<learned>+classic``: attempt 1 is ``learned_steps`` learned updates (fewer after one below ``switch_mm``),
+        then classic PPC updates and the refinement; with the classic fallback, attempts 2 and 3 are the classic
+        registration's two attempts, exactly as it runs alone; without it, only classic's retry.
+        """
+        base = base or RegistrationConfig()
+        first = self.config(base, pixel_spacing_mm)
+        if not self.chained:
+            return single_schedule(first, self.matcher())
+        classic = single_schedule(method_config(CLASSIC, base), ClassicMatcher())
+        learned = PPCPhase(first, self.matcher(), max_updates=self.learned_steps, switch_mm=self.switch_mm)
+        chain = Attempt((learned, classic.attempts[0].phases[0]), prealign=False, thorough=True)
+        fallback = [replace(a, description=d) for a, d in zip(classic.attempts, (
+            "with the classic registration (2D pre-alignment and classic PPC updates)",
+            "with classic PPC updates without the 2D pre-alignment"))]
+        return Schedule(self.name, (chain, *(fallback if self.classic_fallback else fallback[1:])))
+
     def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
                      T_gt=None, surface=None, renderer=None) -> Registration:
-        """A :class:`Registration` (a :class:`PipelineRegistration` for chained methods) of this method.
+        """A :class:`Registration` of this method's :meth:`schedule`.
 
         ``config`` holds the common settings (iterations, tolerance, device, ...); its ``method`` is ignored.
         """
@@ -250,14 +273,9 @@ class Method:
             dev = base.resolved_device()
             if next(self.operator.parameters()).device.type != dev.type:
                 self.operator.to(dev)
-        kw = dict(T_gt=T_gt, surface=surface, renderer=renderer)
-        spacing = float(projection.pixel_spacing[0, 0])
-        if self.chained:
-            return PipelineRegistration(ct, xray, projection, T_init, roi, base, operator=self.operator,
-                                        learned_steps=self.learned_steps, switch_mm=self.switch_mm,
-                                        classic_fallback=self.classic_fallback, **kw)
-        return Registration(ct, xray, projection, T_init, roi, self.config(base, spacing), matcher=self.matcher(),
-                            **kw)
+        schedule = self.schedule(base, float(projection.pixel_spacing[0, 0]))
+        return Registration(ct, xray, projection, T_init, roi, T_gt=T_gt, surface=surface, renderer=renderer,
+                            schedule=schedule)
 
 
 def resolve_method(name: str, *, model_path: str | Path | None = None, models_dir: str | Path | None = None,
@@ -274,7 +292,7 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         operator: an operator already in memory (no file is read).
         learned_steps, switch_mm: when a chained method switches to classic refinement.
         classic_fallback: a chained method whose result correlates poorly with the X-ray runs the classic
-            registration from the initial estimate (see :class:`PipelineRegistration`).
+            registration from the initial estimate (see :meth:`Method.schedule`).
     Raises:
         InputError: unknown method or bad parameters.  ModelFileError: missing or damaged model file.
     """
@@ -297,91 +315,6 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         return out
     out.operator, out.model_meta, out.model_path = load_operator(learned, model_path, dev, models_dir)
     return out
-
-
-class PipelineRegistration(Registration):
-    """A chained registration: learned updates first, then classic robust refinement.
-
-    The learned phase runs with :func:`method_config` of the learned operator and a
-    :class:`~PPCRegistrationLib.networks.LearnedMatcher`; it ends after ``learned_steps`` updates, after a
-    learned update that moved the targets by less than ``switch_mm``, or when a learned update fails
-    (rank deficient, diverged: the best estimate is kept).  The remaining iterations (up to
-    ``config.max_iterations`` in all) are classic.  History, best estimate, stop and :meth:`reset` (back to
-    the learned phase) work as for any :class:`Registration`; each :class:`IterationState` says which
-    operator made it (``state.operator``).
-
-    **Classic fallback** (``classic_fallback``, on by default): when the result of this learned path correlates
-    poorly with the X-ray (below ``retry_below_similarity``, or no better than the initial estimate), the
-    registration starts again from the initial estimate as the classic registration runs alone (2D pre-alignment,
-    then, if that result is poor too, its own retry without it), and keeps whichever result correlates best. The
-    learned operator then adds the cases it solves without losing the ones classic PPC solves, as long as the image
-    similarity tells a solved case from a failed one. Without it the retry is classic's second attempt only.
-
-    Attributes:
-        pipeline_config: the settings given (``method`` = the pipeline's name).
-        learned_config, classic_config: the settings of the two phases; ``config`` is the current one.
-        phase: ``"learned"`` or ``"classic"``; learned_updates: updates made in the learned phase.
-    """
-
-    def __init__(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
-                 operator: LearnedOperator, learned_steps: int = DEFAULT_LEARNED_STEPS,
-                 switch_mm: float = DEFAULT_SWITCH_MM, classic_fallback: bool = True, T_gt=None, surface=None,
-                 renderer=None) -> None:
-        if not isinstance(operator, LearnedOperator):
-            raise InputError("a chained registration needs a LearnedOperator (see resolve_method)")
-        base = config or RegistrationConfig()
-        self.pipeline_config = replace(base, method=f"{operator.method}+{CLASSIC}")
-        self.learned_config = learned_config(operator, base, float(projection.pixel_spacing[0, 0]))
-        self.classic_config = method_config(CLASSIC, base)
-        self.learned_steps = int(learned_steps)
-        self.switch_mm = float(switch_mm)
-        self.classic_fallback = bool(classic_fallback)
-        self.learned_matcher = LearnedMatcher(operator)
-        self.classic_matcher = ClassicMatcher()
-        self.phase = "learned"
-        self.learned_updates = 0
-        super().__init__(ct, xray, projection, T_init, roi, self.learned_config, T_gt=T_gt,
-                         matcher=self.learned_matcher, surface=surface, renderer=renderer)
-
-    def reset(self) -> None:
-        """Back to the initial transform and to the learned phase; the history is cleared."""
-        self.phase = "learned"
-        self.learned_updates = 0
-        self.config = self.learned_config
-        self.matcher = self.learned_matcher
-        super().reset()
-
-    def retry_plan(self) -> list[tuple[bool, bool, str]]:
-        """With the classic fallback: the classic registration as it runs alone (pre-aligned, then its own retry);
-        without: classic's retry only."""
-        classic = [(False, True, "with classic PPC updates without the 2D pre-alignment")]
-        if self.classic_fallback:
-            classic.insert(0, (True, False, "with the classic registration (2D pre-alignment and classic PPC updates)"))
-        return classic
-
-    def switch_to_classic(self) -> None:
-        """End the learned phase now: the next updates are classic."""
-        self.phase = "classic"
-        self.config = self.classic_config
-        self.matcher = self.classic_matcher
-        self.search_px = float(self.classic_config.search_px)
-
-    def step(self) -> IterationState:
-        """One update of the current phase; switches phase when the learned one is over."""
-        if self.phase == "classic":
-            return super().step()
-        st = super().step()
-        self.learned_updates += 1
-        failed = st.status in ("converged", "rank_deficient", "diverged")
-        if failed or st.update_mm < self.switch_mm or self.learned_updates >= self.learned_steps:
-            self.switch_to_classic()
-            if failed and self.iteration < self.config.max_iterations:
-                # the pipeline goes on with classic refinement (from the best estimate when it failed)
-                st.message = (f"learned phase ended ({st.status}: {st.message}); classic refinement follows"
-                              if st.message else f"learned phase ended ({st.status}); classic refinement follows")
-                st.status = "running"
-                self.status = "running"
-        return st
 
 
 def build_registration(method: str, ct, xray, projection, T_init, roi=None,

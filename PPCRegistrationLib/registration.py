@@ -33,6 +33,7 @@ from .matchers import ClassicMatcher, Matcher, OracleMatcher  # noqa: F401 (re-e
 from .metrics import mtre as mtre_fn
 from .prealign import PREALIGN_SIGMA_PX, prealign
 from .refine import PoseRefiner, gradient_correlation
+from .schedule import Attempt, PPCPhase, Schedule, single_schedule
 from .solvers import PlainSolver, RobustSolver, reprojection_cost
 from .update import UpdateState, match, ppc_update
 from .volume import Volume
@@ -60,13 +61,31 @@ class Registration(RefineAndRestart):
         matcher: the 2D matching step; default :class:`ClassicMatcher`.
         surface: precomputed surface points (skip the extraction, e.g. cached per case).
         renderer: precomputed :class:`~PPCRegistrationLib.drr.DRRRenderer` of this CT.
+        schedule: the method as data (:class:`~PPCRegistrationLib.schedule.Schedule`: attempts of PPC phases, each
+            with its matcher and configuration), instead of ``config`` and ``matcher``; default
+            :func:`~PPCRegistrationLib.schedule.single_schedule` of ``config`` and ``matcher``.
+            :meth:`PPCRegistrationLib.methods.Method.schedule` builds those of the named methods.
+
+    Attributes:
+        config, matcher: those of the current PPC phase (:attr:`phase`); attempt: 1, 2, ... (see :attr:`schedule`).
     """
 
     def __init__(self, ct: Volume, xray: torch.Tensor, projection: Projection, T_init: torch.Tensor, roi=None,
                  config: RegistrationConfig | None = None, T_gt: torch.Tensor | None = None,
                  matcher: Matcher | None = None, surface: SurfacePoints | None = None,
-                 renderer: DRRRenderer | None = None) -> None:
-        self.config = config or RegistrationConfig()
+                 renderer: DRRRenderer | None = None, schedule: Schedule | None = None) -> None:
+        if schedule is None:
+            config = config or RegistrationConfig()
+            if matcher is None and config.method != "classic":
+                raise InputError(f"method {config.method!r} needs a learned 2D matching model: build the "
+                                 "registration with PPCRegistrationLib.methods.build_registration (or pass a matcher)")
+            schedule = single_schedule(config, matcher)
+        elif matcher is not None or config is not None:
+            raise InputError("give a registration either a schedule or a configuration and matcher, not both")
+        if not isinstance(schedule, Schedule):
+            raise InputError("schedule must be a PPCRegistrationLib.schedule.Schedule")
+        self.schedule = schedule
+        self.config = schedule.attempts[0].phases[0].config
         self.device = self.config.resolved_device()
         if not isinstance(ct, Volume):
             raise InputError("ct must be a PPCRegistrationLib.volume.Volume")
@@ -105,16 +124,14 @@ class Registration(RefineAndRestart):
         self.surface = SurfacePoints(surface.points.to(self.device, torch.float64),
                                      surface.gradients.to(self.device, torch.float64))
         self.targets = self.surface.points
-        if matcher is None and self.config.method != "classic":
-            raise InputError(f"method {self.config.method!r} needs a learned 2D matching model: build the "
-                             "registration with PPCRegistrationLib.methods.build_registration (or pass a matcher)")
-        self.matcher: Matcher = matcher or ClassicMatcher()
         self._initial_sim: float | None = None  # (T_init never changes: computed once, kept over resets)
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Back to the initial transform; the history is cleared."""
+        """Back to the initial transform and the schedule's first attempt; the history is cleared."""
+        self.attempt = 1
+        self._enter_phase(0)
         self._restart_from_initial()
         self.history: list[IterationState] = []
         self.status = "running"
@@ -124,17 +141,30 @@ class Registration(RefineAndRestart):
         self._refiner: PoseRefiner | None = None
         self._refine_start = self.T_init.clone()
         self._ppc_outcome = "converged"
-        #: 1 for the first registration attempt, 2, 3... for the retries from the initial estimate (see
-        #: ``RegistrationConfig.retry_below_similarity`` and :meth:`retry_plan`)
-        self.attempt = 1
         self._attempt_start = 0
-        self._attempt_prealign = True  # the current attempt starts with the 2D pre-alignment (when configured)
-        self._attempt_patience = False  # the current attempt stops on a falling similarity (retry_patience)
         self._candidates: list[tuple[float, torch.Tensor, str]] = []
         #: the current attempt's thorough refinement: "" (not yet), "running", "done"
         self._thorough = ""
         self._ppc_end = self.T_init.clone()
         self._xray_grad_cache: dict[float, torch.Tensor] = {}
+
+    @property
+    def current_attempt(self) -> Attempt:
+        """The attempt being made (``schedule.attempts[attempt - 1]``)."""
+        return self.schedule.attempts[self.attempt - 1]
+
+    @property
+    def phase(self) -> PPCPhase:
+        """The current PPC phase of the current attempt."""
+        return self.current_attempt.phases[self.phase_index]
+
+    def _enter_phase(self, index: int) -> None:
+        """Make phase ``index`` of the current attempt the current one (its configuration, matcher, search range)."""
+        self.phase_index = int(index)
+        self.phase_updates = 0
+        self.config = self.phase.config
+        self.matcher: Matcher = self.phase.matcher
+        self.search_px = float(self.config.search_px)
 
     def stop(self) -> None:
         """Request the running loop to stop after the current update (keeps the last good estimate)."""
@@ -209,6 +239,19 @@ class Registration(RefineAndRestart):
         if self.refining:
             return self._refine_step()
         st = self._ppc_step()
+        self.phase_updates += 1
+        if self.phase_index < len(self.current_attempt.phases) - 1:
+            failed = st.status in ("converged", "rank_deficient", "diverged")
+            if failed or self.phase.ends_after(self.phase_updates, st.update_mm):
+                ended = self.phase.name
+                self._enter_phase(self.phase_index + 1)
+                if failed and self.iteration < self.config.max_iterations:
+                    # the next phase goes on (from the best estimate when this one failed)
+                    note = f"{st.status}: {st.message}" if st.message else st.status
+                    st.message = f"{ended} phase ended ({note}); {self.phase.name} updates follow"
+                    st.status = "running"
+                    self.status = "running"
+            return st
         if not self.refine_enabled:
             return st
         done = st.status in ("converged", "diverged") or (st.status == "running"
@@ -228,7 +271,7 @@ class Registration(RefineAndRestart):
         """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
-        if self.ppc_iterations == 0 and self._attempt_prealign and cfg.coarse_search_px > 0:
+        if self.ppc_iterations == 0 and self.current_attempt.prealign and cfg.coarse_search_px > 0:
             self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients
@@ -363,11 +406,12 @@ class Registration(RefineAndRestart):
         if cfg.settle_updates > 0 and len(recent) == cfg.settle_updates - 1 and max(recent + [upd_mm]) < cfg.settle_mm:
             return finish("converged", f"the last {cfg.settle_updates} updates moved the estimate less than "
                           f"{cfg.settle_mm:g} mm each: at the PPC loop's fixed point", T_new, **kw)
-        patience = cfg.retry_patience if self._attempt_patience else cfg.patience
+        retrying = self.current_attempt.patience
+        patience = cfg.retry_patience if retrying else cfg.patience
         if patience > 0 and self.since_best >= patience:
             self.T = self.best_T.clone()
             # the retry's stopping rule (a falling similarity) is its convergence; in a first attempt it is a divergence
-            return finish("converged" if self._attempt_patience else "diverged",
+            return finish("converged" if retrying else "diverged",
                           f"no improvement of the image similarity for {patience} updates: "
                           "reverted to the best estimate", self.T, **kw)
         return finish("running", "", T_new, **kw)

@@ -131,17 +131,17 @@ def test_chain_switches_from_learned_to_classic_after_k_updates(lumbar, models_d
     reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
                          RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0, refine_iterations=3),
                          T_gt=case.T_gt, surface=surface, renderer=renderer)
-    assert isinstance(reg, methods.PipelineRegistration) and reg.phase == "learned"
+    assert reg.schedule.name == "ppc-flow-attention+classic" and len(reg.schedule.attempts) == 3
+    assert reg.phase.name == "ppc-flow-attention" and reg.phase.max_updates == 2
     res = reg.run(callback=seen.append)
     # the learned phase never refines; the classic phase ends with one intensity refinement update per scale
     n_refine = len(RegistrationConfig().refine_sigmas_px)
     assert [st.operator for st in res.history] == ["ppc-flow-attention"] * 2 + ["classic"] * 2 + ["refine"] * n_refine
     assert len(seen) == res.iterations == 4 + n_refine and res.status == "max_iterations"
-    assert reg.phase == "classic" and reg.config.solver == "robust"
-    assert reg.pipeline_config.method == "ppc-flow-attention+classic"
+    assert reg.phase.name == "classic" and reg.config.solver == "robust" and reg.attempt == 1
     # reset goes back to the learned phase; step by step gives the same sequence
     reg.reset()
-    assert reg.phase == "learned" and reg.iteration == 0 and reg.config.solver == "plain"
+    assert reg.phase.name == "ppc-flow-attention" and reg.iteration == 0 and reg.config.solver == "plain"
     assert torch.equal(reg.T.cpu(), case.T_init.to(torch.float64))
     ops = [reg.step().operator for _ in range(3)]
     assert ops == ["ppc-flow-attention", "ppc-flow-attention", "classic"]

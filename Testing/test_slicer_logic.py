@@ -357,4 +357,4 @@ def test_chained_method_runs_in_the_logic_and_fills_every_output(lumbar_scenario
     assert "(ppc-flow-attention)" in core.formatStatus(res.states[0])
     # reset goes back to the learned phase
     logic.reset()
-    assert logic.registration.phase == "learned" and logic.step().operator == "ppc-flow-attention"
+    assert logic.registration.phase.name == "ppc-flow-attention" and logic.step().operator == "ppc-flow-attention"
