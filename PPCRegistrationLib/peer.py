@@ -1,12 +1,11 @@
 """``ppcreg bench --peer diffdrr``: DiffDRR 0.6.1 side by side with our renderer and registration, in one run.
 
-DiffDRR is never a dependency of this project: :func:`ensure_peer_env` installs it once into its own virtual
-environment, ``<cache>/peer-diffdrr-0.6.1/`` (cache: ``$PPCREG_CACHE`` or ``~/.cache/ppcregistration``), with
-the exact pins of ``peer_diffdrr_requirements.txt``, and reuses it while it has them.  The DiffDRR side runs
+DiffDRR is never a dependency of this project: :func:`~.peer_env.ensure_peer_env` installs it once into its own
+environment (:mod:`.peer_env`, whose names this module offers too).  The DiffDRR side runs
 there, in ``peer_diffdrr_worker.py``; the two sides talk through files in a temporary folder (``task.json`` with
 the geometry and poses, ``.npy`` volumes and X-rays; ``result.json`` and ``.npy`` DRRs back).
 
-Conventions (DESIGN.md §2 on our side; DiffDRR's from its source):
+Conventions (docs/design.md §2 on our side; DiffDRR's from its source):
 
 * DiffDRR reads the CT in RAS (``diag(-1, -1, 1)`` of the LPS world of our files) and moves its centre to the
   origin; :func:`diffdrr_frames` gives that affine and the map from our world to DiffDRR's.
@@ -24,11 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -40,187 +36,19 @@ import torch
 
 from .errors import InputError
 from .geometry import Projection, invert_rigid, rigid, translation_matrix
+from .peer_env import (DIFFDRR_VERSION, REQUIREMENTS, PeerEnv, PeerError, ensure_peer_env, log, peer_env_dir,
+                       pin_mismatches, read_pins, run_streaming)
 
 __all__ = ["PEERS", "DIFFDRR_VERSION", "REQUIREMENTS", "DiffDRRRecipe", "PeerEnv", "PeerError", "read_pins",
-           "peer_env_dir", "ensure_peer_env", "diffdrr_frames", "detector_params", "camera_pose",
+           "pin_mismatches", "peer_env_dir", "ensure_peer_env", "diffdrr_frames", "detector_params", "camera_pose",
            "transform_from_camera_pose", "ncc", "write_task", "benchmark", "format_table"]
 
 PEERS = ("diffdrr",)
-DIFFDRR_VERSION = "0.6.1"
-REQUIREMENTS = Path(__file__).with_name("peer_diffdrr_requirements.txt")
 WORKER = Path(__file__).with_name("peer_diffdrr_worker.py")
 #: DiffDRR's ``orientation="AP"`` re-orientation of its C-arm (``diffdrr.data.read``), camera -> world
 AP_REORIENT = torch.tensor([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
 #: diag(-1, -1, 1, 1): LPS <-> RAS, and our camera axes <-> DiffDRR's (a rotation by pi about z in both cases)
 _FLIP = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.!+_-]+)$")
-
-
-class PeerError(InputError):
-    """The peer environment could not be set up or the peer failed (the message says how to retry)."""
-
-
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[ppcreg peer] {msg}", file=sys.stderr, flush=True)
-
-
-# ============================================================================= the peer environment
-
-
-def _norm(name: str) -> str:
-    """PEP 503 normalised distribution name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def read_pins(path: str | Path = REQUIREMENTS) -> dict[str, str]:
-    """``{normalised name: version}`` of a requirements file of exact pins (``name==version``, ``#`` comments).
-
-    Raises:
-        InputError: a line that is not an exact pin, a name pinned twice, or no pins at all.
-    """
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read the peer requirements {p}: {exc}") from exc
-    pins: dict[str, str] = {}
-    for n, raw in enumerate(lines, 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        m = _PIN.match(line.replace(" ", ""))
-        if not m:
-            raise InputError(f"{p}:{n}: {raw.strip()!r} is not an exact pin (name==version)")
-        name = _norm(m.group(1))
-        if name in pins:
-            raise InputError(f"{p}:{n}: {m.group(1)} is pinned twice")
-        pins[name] = m.group(2)
-    if not pins:
-        raise InputError(f"{p} has no pins")
-    return pins
-
-
-def pin_mismatches(pins: dict[str, str], installed: dict[str, str]) -> list[str]:
-    """The pins ``installed`` (``{name: version}`` of an environment) does not satisfy, as readable strings
-    (a local label is ignored: ``2.13.0+cpu`` satisfies ``==2.13.0``)."""
-    have = {_norm(k): v for k, v in installed.items()}
-    return [f"{n}=={v} (installed: {have.get(n) or 'none'})" for n, v in pins.items()
-            if have.get(n) is None or have[n].split("+")[0] != v.split("+")[0]]
-
-
-def peer_env_dir(cache_dir: str | Path | None = None) -> Path:
-    """``<cache>/peer-diffdrr-<version>`` (cache: ``$PPCREG_CACHE`` or ``~/.cache/ppcregistration``)."""
-    from .sample_data import default_cache_dir
-
-    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return base / f"peer-diffdrr-{DIFFDRR_VERSION}"
-
-
-@dataclass
-class PeerEnv:
-    """A ready peer environment: its folder, interpreter, installed pins and what setting it up took."""
-
-    path: Path
-    python: Path
-    versions: dict[str, str]  # the installed versions of the pinned packages (normalised names)
-    installed_now: bool
-    seconds: float
-
-
-_LIST_DISTS = ("import json, importlib.metadata as m; "
-               "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() if d.metadata['Name']}))")
-
-
-def _installed(python: Path) -> dict[str, str] | None:
-    """``{name: version}`` of the distributions in the environment of ``python`` (None if it does not run)."""
-    try:
-        proc = subprocess.run([str(python), "-I", "-c", _LIST_DISTS], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return None
-    try:
-        return dict(json.loads(proc.stdout))
-    except ValueError:
-        return None
-
-
-def _run_streaming(cmd: list[str], progress: bool, show: Sequence[str] = (), env: dict | None = None,
-                   prefix: str = "") -> tuple[int, list[str]]:
-    """Run ``cmd``; print its output lines that start with one of ``show`` (all when empty); returns the exit
-    code and the last 40 lines."""
-    tail: list[str] = []
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1)
-    except OSError as exc:
-        return 127, [str(exc)]
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-40:]
-        if progress and (not show or line.lstrip().startswith(tuple(show))):
-            print(f"{prefix}{line}", file=sys.stderr, flush=True)
-    return proc.wait(), tail
-
-
-def ensure_peer_env(cache_dir: str | Path | None = None, *, progress: bool = True,
-                    requirements: str | Path = REQUIREMENTS) -> PeerEnv:
-    """The DiffDRR peer environment, created (``python -m venv``) and installed (pip, exact pins) on first use.
-
-    An existing environment is reused when it has every pin; otherwise pip installs what is missing into it.
-
-    Raises:
-        PeerError: the virtual environment or the pip install failed (the message says what and how to retry).
-    """
-    pins = read_pins(requirements)
-    env = peer_env_dir(cache_dir)
-    python = env / "bin" / "python"
-    t0 = time.perf_counter()
-    if python.exists():
-        have = _installed(python)
-        if have is not None and not pin_mismatches(pins, have):
-            _log(progress, f"reusing the DiffDRR peer environment {env} ({len(pins)} pinned packages)")
-            return PeerEnv(env, python, _pinned(have, pins), False, time.perf_counter() - t0)
-        missing = pin_mismatches(pins, have or {})
-        _log(progress, f"the peer environment {env} lacks {len(missing)} of its pins (e.g. {missing[0]}); "
-                       "installing them")
-    else:
-        _log(progress, f"creating the DiffDRR peer environment {env} (python -m venv; never part of this project)")
-        env.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "venv", str(env)], capture_output=True, text=True)
-        if proc.returncode != 0 or not python.exists():
-            raise PeerError(f"could not create the virtual environment {env} with {sys.executable} -m venv: "
-                            f"{(proc.stderr or proc.stdout).strip()[-500:]}. Check that the venv module is available "
-                            f"(Debian: apt-get install python3-venv) and that {env.parent} is writable, then run the "
-                            "command again")
-    _log(progress, f"installing diffdrr=={DIFFDRR_VERSION} and its {len(pins) - 1} pinned dependencies (torch=="
-                   f"{pins.get('torch', '?')}, ...) with pip from {requirements}; about 2.5 GB, a few minutes")
-    rc, tail = _run_streaming([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-r",
-                               str(requirements)], progress, show=("Collecting", "Installing", "Successfully",
-                                                                   "ERROR"), prefix="[ppcreg peer] pip: ")
-    if rc != 0:
-        why = [line for line in tail if "ERROR" in line or "rror:" in line] or tail[-6:]
-        raise PeerError(f"installing the DiffDRR peer environment failed: pip exited with code {rc}: "
-                        + " | ".join(line.strip() for line in why[-6:] if line.strip())
-                        + f". The pins are in {requirements} (resolved on Python 3.11; this is Python "
-                          f"{sys.version.split()[0]}). Fix the cause (network or package index, disk space) and run "
-                          f"the command again: it resumes in {env}; or delete that folder to start afresh")
-    have = _installed(python) or {}
-    bad = pin_mismatches(pins, have)
-    if bad:
-        raise PeerError(f"after pip the peer environment {env} still lacks {', '.join(bad[:5])}; delete {env} and "
-                        "run the command again")
-    seconds = time.perf_counter() - t0
-    _log(progress, f"DiffDRR peer environment ready in {seconds:.0f} s")
-    return PeerEnv(env, python, _pinned(have, pins), True, seconds)
-
-
-def _pinned(have: dict[str, str], pins: dict[str, str]) -> dict[str, str]:
-    norm = {_norm(k): v for k, v in have.items()}
-    return {k: norm.get(k, "") for k in pins}
-
 
 # ============================================================================= conventions
 
@@ -368,7 +196,7 @@ def run_worker(env: PeerEnv, folder: Path, progress: bool = True) -> dict:
     sub_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     threads = json.loads((folder / "task.json").read_text(encoding="utf-8"))["threads"]
     sub_env.update(OMP_NUM_THREADS=str(threads), PYTHONNOUSERSITE="1", PYTHONWARNINGS="ignore")
-    rc, tail = _run_streaming([str(env.python), str(WORKER), str(folder)], progress, env=sub_env,
+    rc, tail = run_streaming([str(env.python), str(WORKER), str(folder)], progress, env=sub_env,
                               show=("[diffdrr]",), prefix="[ppcreg peer] ")
     if rc != 0:
         raise PeerError("the DiffDRR worker failed (exit code " + str(rc) + "): " + " | ".join(tail[-8:])
@@ -459,7 +287,7 @@ def benchmark(ct, roi, *, out_dir: str | Path, peer: str = "diffdrr", n_cases: i
     checks = [(f"case{i}", cases[i].projection) for i in range(min(int(check_views), len(cases)))]
     ours_drr = {name: renderer.render(p, eye[None])[0].cpu() for name, p in checks}
     ours_drr_s = _median_s(lambda: renderer.render(checks[0][1], eye[None]), int(timing_repeats))
-    _log(progress, f"our {detector['height']}x{detector['width']} DRR: median {1000 * ours_drr_s:.0f} ms")
+    log(progress, f"our {detector['height']}x{detector['width']} DRR: median {1000 * ours_drr_s:.0f} ms")
     rows: list[dict[str, Any]] = []
     for i, c in enumerate(cases):
         t0 = time.perf_counter()
@@ -468,7 +296,7 @@ def benchmark(ct, roi, *, out_dir: str | Path, peer: str = "diffdrr", n_cases: i
         err = float(mtre(res.T.double().cpu(), c.T_gt, targets))
         rows.append({"seed": c.seed, "initial_mtre_mm": c.initial_mtre_mm, "ours_mtre_mm": err,
                      "ours_seconds": sec, "ours_status": res.status})
-        _log(progress, f"ours case {i + 1}/{len(cases)} (seed {c.seed}): {c.initial_mtre_mm:.2f} -> {err:.2f} mm "
+        log(progress, f"ours case {i + 1}/{len(cases)} (seed {c.seed}): {c.initial_mtre_mm:.2f} -> {err:.2f} mm "
                        f"in {sec:.1f} s")
 
     # theirs, in the peer environment
@@ -477,7 +305,7 @@ def benchmark(ct, roi, *, out_dir: str | Path, peer: str = "diffdrr", n_cases: i
                cases=[{"seed": c.seed, "xray": c.xray, "projection": c.projection, "T_init": c.T_init}
                       for c in cases], checks=checks, recipe=recipe, threads=threads,
                timing_repeats=int(timing_repeats))
-    _log(progress, f"running DiffDRR in {env.path} on {len(cases)} cases (task folder {folder})")
+    log(progress, f"running DiffDRR in {env.path} on {len(cases)} cases (task folder {folder})")
     result = run_worker(env, folder, progress)
     w_from_ct = torch.tensor(json.loads((folder / "task.json").read_text())["world_from_ct"]["matched"],
                              dtype=torch.float64)

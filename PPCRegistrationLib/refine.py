@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .drr import DRRRenderer, image_gradient
+from .drr import DRRRenderer
+from .gradients import image_gradient
 from .errors import InputError
 from .geometry import (Projection, coarsen_projection, crop_projection, se3_exp, transform_points,
                        translation_matrix)

@@ -25,7 +25,8 @@ import torch
 from .attempts import RefineAndRestart
 from .config import (REFINE, STATUSES, IterationState, RegistrationConfig, RegistrationResult,  # noqa: F401
                      Status)
-from .drr import DRRRenderer, image_gradient
+from .drr import DRRRenderer
+from .gradients import image_gradient
 from .errors import InputError, PPCError
 from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
 from .geometry import Projection, crop_projection, invert_rigid, rotation_angle_deg, transform_points
