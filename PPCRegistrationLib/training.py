@@ -10,6 +10,11 @@ registration does with :class:`~PPCRegistrationLib.networks.LearnedMatcher` and 
 :func:`compute_loss` the losses; :func:`train` the loop (Adam, checkpoints with resume, validation curves as
 CSV and PNG, progress bar, deterministic seeds).
 
+The parts of a run live in their own modules: :mod:`.train_config` (:class:`TrainConfig`), :mod:`.losses`
+(:func:`compute_loss`), :mod:`.checkpoints` (checkpoint files, starting from an operator file), :mod:`.curves`
+(``curves.csv`` and :func:`plot_curves`) and :mod:`.distributed` (torchrun); their public names are importable
+from here too.
+
 **Several GPUs / nodes.** Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), :func:`train` joins
 the process group (``nccl`` on CUDA, ``gloo`` on the CPU), wraps the operator in DistributedDataParallel and
 gives every rank its own slice of each batch: all ranks draw the same ``batch_size`` sample indices from the
@@ -28,18 +33,23 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from .checkpoints import _atomic_save, _init_from, _load_checkpoint
+from .curves import CURVE_FIELDS, _truncate_curves, plot_curves
 from .dataset import ShardDataset, flip_samples, sample_projection, zoom_samples
-from .devices import resolve_device
-from .errors import InputError, PPCError
+from .distributed import DistInfo, _all_sum, _on_main, distributed_env, init_distributed
+from .errors import InputError
+from .learned_operator import LearnedOperator
+from .losses import compute_loss
 from .metrics import mrpd, mtre, reduction_factor
-from .networks import CPU_FLOW_HPARAMS, LEARNED_METHODS, LearnedOperator, operator_from_file, save_model
+from .model_files import save_model
 from .solvers import PlainSolver
+from .train_config import TrainConfig
 from .update import UpdateState, match, ppc_update
 
 __all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", "LEARNED_REGULARIZATION",
@@ -48,80 +58,6 @@ __all__ = ["TrainConfig", "operator_step", "compute_loss", "validate", "train", 
 #: Tikhonov regularisation of the learned operator's PPC solve (relative to the mean eigenvalue); the
 #: registration's ``solver="plain"`` uses ``RegistrationConfig.damping_min``, which has the same value.
 LEARNED_REGULARIZATION = 1e-5
-#: pose errors the PPC models can be trained on (through the PPC layer), see :func:`compute_loss`
-POSE_LOSSES = ("mtre", "mrpd")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings (defaults: the paper's optimiser; sizes for a CPU).
-
-    method: one of ``flow``, ``ppc-flow``, ``ppc-flow-attention``.
-    iterations: optimiser steps.
-    batch_size, lr, weight_decay: Adam on mini-batches (the paper: 16, 1e-4, 1e-6).
-    lambda_epe: weight of the EPE (pixels) in the PPC losses (mTRE in mm + lambda * EPE).
-    out_of_plane: damping of the weakly observable directions in the PPC layer (see
-        :func:`~PPCRegistrationLib.ppc.out_of_plane_damping`; the registration's ``plain_out_of_plane``).
-    mtre_clip_mm: per-sample mTRE loss is capped there (a wildly wrong update should not dominate a batch).
-    pose_loss: the pose error of the PPC losses: ``mtre`` (the paper's) or ``mrpd`` (see :func:`compute_loss`).
-    grad_clip: gradient-norm clipping (0 = off).
-    val_every, val_samples: validation period (steps) and number of validation samples.
-    checkpoint_every: checkpoint period (steps).
-    augment: mirror each training sample left-right and/or up-down at random (:func:`~PPCRegistrationLib.dataset.
-        flip_samples`; exact, the geometry is mirrored too): four times the views of a small data set.
-    zoom: with ``augment``, also magnify each sample by a factor uniform in [1, zoom] (:func:`~PPCRegistrationLib.
-        dataset.zoom_samples`; exact): anatomy of other sizes (1 = off).
-    evidence: ``ppc-flow-attention``'s attention also sees the local matching evidence of each correspondence
-        (:func:`~PPCRegistrationLib.networks.match_evidence`), not only the paper's geometric point features.
-    init: operator file to start from (fine-tuning, e.g. ``ppc-flow`` from a ``flow`` model): the parameters
-        that exist in both are copied.
-    flow: FlowNetC hyper-parameters.
-    seed: seed of the initialisation and of the batch order.
-    device: ``auto``, ``cpu`` or ``cuda``.
-    """
-
-    method: str = "ppc-flow-attention"
-    iterations: int = 10000
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 1e-6
-    lambda_epe: float = 1.0
-    out_of_plane: float = 1.0
-    mtre_clip_mm: float = 100.0
-    grad_clip: float = 10.0
-    val_every: int = 250
-    val_samples: int = 400
-    checkpoint_every: int = 250
-    augment: bool = False
-    zoom: float = 1.0
-    pose_loss: str = "mtre"
-    evidence: bool = True
-    init: str | None = None
-    flow: dict = field(default_factory=lambda: dict(CPU_FLOW_HPARAMS))
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.method not in LEARNED_METHODS:
-            raise InputError(f"unknown method {self.method!r}: use one of {', '.join(LEARNED_METHODS)}")
-        for name in ("iterations", "batch_size", "val_every", "checkpoint_every", "val_samples"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.pose_loss not in POSE_LOSSES:
-            raise InputError(f"unknown pose loss {self.pose_loss!r}: use one of {', '.join(POSE_LOSSES)}")
-        if not (math.isfinite(float(self.zoom)) and float(self.zoom) >= 1):
-            raise InputError(f"the largest zoom factor must be >= 1 (1 = no zoom), got {self.zoom}")
-        for name in ("lr", "weight_decay", "lambda_epe", "mtre_clip_mm", "grad_clip"):
-            v = float(getattr(self, name))
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"{name} must be a non-negative number, got {v}")
-        if self.lr <= 0:
-            raise InputError("the learning rate must be positive")
-
-    def resolved_device(self, local_rank: int | None = None) -> torch.device:
-        """The torch device (:func:`~PPCRegistrationLib.devices.resolve_device`); with ``local_rank`` (a torchrun
-        process) a plain ``cuda``/``auto`` on a GPU machine becomes ``cuda:<local_rank>``."""
-        return resolve_device(self.device, local_rank)
 
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -185,26 +121,6 @@ class OperatorMatcher:
         return out["uv_matched"], out["weights"]
 
 
-def compute_loss(method: str, step: Mapping[str, torch.Tensor], lambda_epe: float = 1.0,
-                 mtre_clip_mm: float = 100.0, pose_loss: str = "mtre") -> torch.Tensor:
-    """The training loss of a batch: EPE (``flow``) or pose error + ``lambda_epe`` * EPE (the PPC models).
-
-    The pose error after the PPC layer is the mTRE (``pose_loss="mtre"``, the paper's) or the mean re-projection
-    distance (``"mrpd"``: the part of the error a single view observes; the depth error, which one damped update
-    does not correct, then does not dilute the gradient). Samples whose PPC system is rank deficient contribute
-    their EPE only; each sample's pose error is capped at ``mtre_clip_mm``.
-    """
-    epe = step["epe"].mean()
-    if method == "flow":
-        return epe
-    if pose_loss not in POSE_LOSSES:
-        raise InputError(f"unknown pose loss {pose_loss!r}: use one of {', '.join(POSE_LOSSES)}")
-    ok = ~step["rank_deficient"]
-    m = step[f"{pose_loss}_after"].clamp(max=float(mtre_clip_mm))
-    m = torch.where(ok, m, torch.zeros_like(m))
-    return m.sum() / ok.sum().clamp_min(1) + float(lambda_epe) * epe.to(m.dtype)
-
-
 @torch.no_grad()
 def validate(op: LearnedOperator, data: ShardDataset, n: int, batch_size: int, device: torch.device,
              out_of_plane: float = 1.0) -> dict:
@@ -229,197 +145,6 @@ def validate(op: LearnedOperator, data: ShardDataset, n: int, batch_size: int, d
 
 def _collate(samples: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, str(tmp))
-    os.replace(tmp, path)
-
-
-def _init_from(op: LearnedOperator, path: str, device: torch.device) -> list[str]:
-    """Copy the parameters ``op`` shares (same name and shape) with the operator file ``path``.
-
-    Refinement levels of the flow network are matched by their stride, not by their position, so that a network
-    with a coarser correlation level (e.g. stride 16 with refinement levels 8, 4) starts its stride-4 level from the
-    stride-4 level of the file (e.g. a stride-8 network with one refinement level at stride 4).
-    """
-    src, _ = operator_from_file(path, device)
-    theirs = _refinements_by_stride(src.state_dict(), src.flow_net.refine_strides, op.flow_net.refine_strides)
-    mine = op.state_dict()
-    copied = [k for k in mine if k in theirs and theirs[k].shape == mine[k].shape]
-    op.load_state_dict({**mine, **{k: theirs[k] for k in copied}})
-    return copied
-
-
-def _refinement_prefix(i: int) -> str:
-    return f"flow_net.refinements.{i}."
-
-
-def _refinements_by_stride(state: dict[str, torch.Tensor], strides: list[int],
-                           target_strides: list[int]) -> dict[str, torch.Tensor]:
-    """``state`` with the parameters of its flow refinement level of stride ``strides[i]`` renamed to the index that
-    stride has in ``target_strides`` (levels of strides the target does not have are left out)."""
-    out = {k: v for k, v in state.items() if not k.startswith("flow_net.refinements.")}
-    for i, stride in enumerate(strides):
-        if stride in target_strides:
-            src, dst = _refinement_prefix(i), _refinement_prefix(list(target_strides).index(stride))
-            out.update({dst + k[len(src):]: v for k, v in state.items() if k.startswith(src)})
-    return out
-
-
-# ----------------------------------------------------------------------------- distributed training (torchrun)
-
-
-@dataclass
-class DistInfo:
-    """This process's place in a ``torchrun`` launch (rank 0 of 1 in a plain process).
-
-    rank, world_size, local_rank: as torchrun sets them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
-    backend: ``nccl`` or ``gloo`` (None without a process group).
-    owns_group: :func:`init_distributed` created the process group (and :func:`train` destroys it at the end).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the environment torchrun sets; ``(0, 1, 0)`` without it."""
-
-    def get(name: str, default: int) -> int:
-        text = os.environ.get(name, "")
-        try:
-            return int(text) if text.strip() else default
-        except ValueError:
-            raise InputError(f"environment variable {name}={text!r} is not an integer") from None
-
-    return get("RANK", 0), max(1, get("WORLD_SIZE", 1)), get("LOCAL_RANK", 0)
-
-
-def init_distributed(config: TrainConfig) -> tuple[DistInfo, torch.device]:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1) and pick this rank's device.
-
-    ``nccl`` on CUDA (GPU ``LOCAL_RANK``), ``gloo`` on the CPU; the rendezvous is torchrun's (``env://``:
-    ``MASTER_ADDR``, ``MASTER_PORT``). A process group that already exists is used as it is.
-    """
-    rank, world, local = distributed_env()
-    if world <= 1:
-        return DistInfo(), config.resolved_device()
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise InputError("WORLD_SIZE > 1 (a torchrun launch) but this torch build has no torch.distributed")
-    device = config.resolved_device(local_rank=local)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()), False), device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, backend, True), device
-
-
-def _on_main(dinfo: DistInfo, fn: Any) -> Any:
-    """Run ``fn()`` on rank 0 and give its result to every rank; an error the user can fix (PPCError) on rank 0
-    is raised on every rank, so that all of them stop with the same message."""
-    result, error = None, None
-    if dinfo.is_main:
-        try:
-            result = fn()
-        except PPCError as exc:
-            error = exc
-    if dinfo.distributed:
-        import torch.distributed as dist
-
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise error
-    return result
-
-
-def _all_sum(dinfo: DistInfo, values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over the ranks (the values themselves in a plain process)."""
-    if not dinfo.distributed:
-        return list(values)
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return [float(v) for v in t.cpu()]
-
-
-# ----------------------------------------------------------------------------- curves
-
-#: columns of ``curves.csv`` (one row per validation).
-CURVE_FIELDS = ["iteration", "train_loss", "train_epe", "train_mtre", "val_epe", "val_mtre_before_mean",
-                "val_mtre_p50", "val_mtre_mean", "val_reduction_factor", "seconds"]
-
-
-def plot_curves(csv_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
-    """Draw ``curves.csv`` as a PNG (matplotlib, off-screen Agg canvas; the file is replaced atomically).
-
-    Three panels against the iteration: the training loss (mean over the steps since the previous
-    validation), the EPE (validation, and training for comparison; network pixels) and the validation mTRE
-    (mean and median after one update, and the mean before it; mm).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with Path(csv_path).open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-
-    def col(name: str) -> list[float]:
-        out = []
-        for r in rows:
-            try:
-                out.append(float(r.get(name) or "nan"))
-            except ValueError:
-                out.append(math.nan)
-        return out
-
-    it = col("iteration")
-    fig = Figure(figsize=(13.5, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_loss, ax_epe, ax_mtre = fig.subplots(1, 3)
-    loss = col("train_loss")
-    ax_loss.plot(it, loss, "o-", ms=3, color="tab:blue", label="training loss")
-    finite = [v for v in loss if math.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:  # log scale once it spans a decade
-        ax_loss.set_yscale("log")
-    ax_loss.set_title("training loss (mean since the previous validation)", fontsize=10)
-    ax_epe.plot(it, col("val_epe"), "o-", ms=3, color="tab:orange", label="validation")
-    ax_epe.plot(it, col("train_epe"), "--", color="tab:gray", label="training")
-    ax_epe.set_title("EPE at the contour points [network px]", fontsize=10)
-    ax_mtre.plot(it, col("val_mtre_mean"), "o-", ms=3, color="tab:green", label="mean after one update")
-    ax_mtre.plot(it, col("val_mtre_p50"), "s-", ms=3, color="tab:olive", label="median after one update")
-    ax_mtre.plot(it, col("val_mtre_before_mean"), ":", color="tab:gray", label="mean before (initial)")
-    ax_mtre.set_title("validation mTRE [mm]", fontsize=10)
-    for ax in (ax_loss, ax_epe, ax_mtre):
-        ax.set_xlabel("iteration")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    png = Path(png_path)
-    tmp = png.with_name(f"{png.stem}.tmp{os.getpid()}.png")
-    fig.savefig(str(tmp))
-    os.replace(tmp, png)
-    return png
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -449,34 +174,6 @@ def train(config: TrainConfig, data_root: str | Path, out_dir: str | Path, *, tr
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def _load_checkpoint(path: Path, method: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise InputError(f"cannot read the checkpoint {path} ({type(exc).__name__}: {str(exc)[:200]}); delete it "
-                         "or start afresh without resuming") from exc
-    if not isinstance(ck, dict) or not {"model", "optimizer", "iteration"} <= set(ck):
-        raise InputError(f"{path} is not a training checkpoint; delete it or use another output folder")
-    if ck.get("config", {}).get("method") != method:
-        raise InputError(f"{path} is a checkpoint of {ck.get('config', {}).get('method')!r}, not "
-                         f"{method!r}: use another output folder")
-    return ck
-
-
-def _truncate_curves(csv_path: Path, last_iteration: int) -> None:
-    """Drop the rows of validations after ``last_iteration`` (written after the checkpoint a run resumes from)."""
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    keep = [rows[0]] + [r for r in rows[1:] if r and float(r[0]) <= last_iteration]
-    if len(keep) != len(rows):
-        with csv_path.open("w", newline="") as fh:
-            csv.writer(fh).writerows(keep)
 
 
 def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, data_root: str | Path, out_dir: str | Path,
