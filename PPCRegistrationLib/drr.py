@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .geometry import Projection, invert_rigid
-from .gradients import image_gradient  # noqa: F401 (offered here too: a DRR and its gradients go together)
 from .volume import Volume, hu_to_mu
 
 #: Scale of the attenuation in excess of +300 HU (bone): CT numbers are measured at the CT's effective energy
@@ -39,7 +38,7 @@ from .volume import Volume, hu_to_mu
 #: 1.0 is the plain linear model; 2.0 makes vertebrae as conspicuous as in real fluoroscopy.
 DEFAULT_BONE_BOOST = 2.0
 
-__all__ = ["DRRRenderer", "render_reference", "image_gradient"]  # image_gradient: from .gradients
+__all__ = ["DRRRenderer", "render_reference"]
 
 # Number of samples (rays x planes) processed by one grid_sample call: bounds the temporary memory (about 12
 # bytes per sample: grid + output).  Small chunks that stay in the CPU cache are markedly faster than big ones.

@@ -9,8 +9,8 @@ import math
 import torch
 
 from .drr import DRRRenderer
-from .gradients import image_gradient
 from .geometry import Projection, crop_projection, so3_exp, transform_points, translation_matrix
+from .gradients import image_gradient
 
 __all__ = ["prealign", "PREALIGN_SIGMA_PX"]
 

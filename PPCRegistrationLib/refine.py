@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .drr import DRRRenderer
-from .gradients import image_gradient
 from .errors import InputError
 from .geometry import (Projection, coarsen_projection, crop_projection, se3_exp, transform_points,
                        translation_matrix)
+from .gradients import image_gradient
 
 __all__ = ["gradient_correlation", "highpass", "RefineResult", "SimilarityWindow", "PoseRefiner", "refine_pose",
            "refine_window", "pose_similarity", "DEFAULT_SIGMAS_PX", "DEFAULT_GRIDS_PX", "DEFAULT_ITERATIONS", "DEFAULT_SOLVERS",

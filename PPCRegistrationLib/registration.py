@@ -26,10 +26,11 @@ from .attempts import RefineAndRestart
 from .config import (REFINE, STATUSES, IterationState, RegistrationConfig, RegistrationResult,  # noqa: F401
                      Status)
 from .drr import DRRRenderer
-from .gradients import image_gradient
 from .errors import InputError, PPCError
 from .features import SurfacePoints, contour_mask, extract_surface_points, project_normals
 from .geometry import Projection, crop_projection, invert_rigid, rotation_angle_deg, transform_points
+from .gradients import image_gradient
+from .inputs import checked_rigid, checked_xray
 from .matchers import ClassicMatcher, Matcher, OracleMatcher  # noqa: F401 (re-exported)
 from .metrics import mtre as mtre_fn
 from .prealign import PREALIGN_SIGMA_PX, prealign
@@ -90,25 +91,10 @@ class Registration(RefineAndRestart):
         self.device = self.config.resolved_device()
         if not isinstance(ct, Volume):
             raise InputError("ct must be a PPCRegistrationLib.volume.Volume")
-        xray = torch.as_tensor(xray)
-        if xray.ndim == 3 and 1 in (xray.shape[0], xray.shape[-1]):
-            xray = xray.reshape(xray.shape[1:] if xray.shape[0] == 1 else xray.shape[:-1])
-        if xray.ndim != 2:
-            raise InputError(f"the X-ray must be a 2D image (H, W), got shape {tuple(xray.shape)}")
-        if not torch.isfinite(xray).all():
-            raise InputError("the X-ray image contains NaN or infinite pixels")
-        if float(xray.max() - xray.min()) <= 0:
-            raise InputError("the X-ray image is constant: nothing to register to")
-        if projection.batch != 1:
-            raise InputError("the registration takes one C-arm geometry (batch 1)")
-        if (projection.height, projection.width) != tuple(xray.shape):
-            raise InputError(f"the X-ray is {tuple(xray.shape)} pixels but the geometry's detector is "
-                             f"{(projection.height, projection.width)} (rows, columns)")
-        T_init = torch.as_tensor(T_init, dtype=torch.float64)
-        _check_rigid(T_init, "initial transform")
+        xray = checked_xray(xray, projection)
+        T_init = checked_rigid(T_init, "initial transform")
         if T_gt is not None:
-            T_gt = torch.as_tensor(T_gt, dtype=torch.float64)
-            _check_rigid(T_gt, "ground-truth transform")
+            T_gt = checked_rigid(T_gt, "ground-truth transform")
         self.ct = ct
         self.projection = projection.to(self.device, torch.float64)
         self.xray = xray.to(self.device, torch.float32)
@@ -497,15 +483,3 @@ class Registration(RefineAndRestart):
         return RegistrationResult(T=self.T.detach().cpu().clone(), best_T=self.best_T.detach().cpu().clone(),
                                   status=status, iterations=self.iteration, seconds=time.perf_counter() - t0,
                                   history=list(self.history), message=message)
-
-
-def _check_rigid(T: torch.Tensor, name: str) -> None:
-    if T.shape != (4, 4):
-        raise InputError(f"the {name} must be a 4x4 matrix, got shape {tuple(T.shape)}")
-    if not torch.isfinite(T).all():
-        raise InputError(f"the {name} contains NaN or infinite values")
-    r = T[:3, :3]
-    err = float((r.T @ r - torch.eye(3, dtype=T.dtype, device=T.device)).abs().max())
-    if err > 1e-4 or float(torch.linalg.det(r)) < 0 or float((T[3] - T.new_tensor([0, 0, 0, 1])).abs().max()) > 1e-9:
-        raise InputError(f"the {name} is not rigid (rotation not orthonormal, a reflection, or a bad last row); "
-                         "registration needs a rigid transform")

@@ -1,4 +1,4 @@
-"""Tests of the DRR renderers (PPCRegistrationLib.drr) and image_gradient."""
+"""Tests of the DRR renderers (PPCRegistrationLib.drr) and the image gradients (PPCRegistrationLib.gradients)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from PPCRegistrationLib import drr
+from PPCRegistrationLib import drr, gradients
 from PPCRegistrationLib.errors import InputError
 from PPCRegistrationLib.geometry import Projection, carm_pose, invert_rigid, se3_exp, so3_exp
 from PPCRegistrationLib.io import read_volume
@@ -283,7 +283,7 @@ def test_image_gradient_of_ramp(sigma):
     v, u = torch.meshgrid(torch.arange(40, dtype=torch.float32), torch.arange(50, dtype=torch.float32),
                           indexing="ij")
     img = torch.stack([2.5 * u - 1.5 * v + 3.0, -0.5 * u + 4.0 * v])
-    g = drr.image_gradient(img, sigma_px=sigma)
+    g = gradients.image_gradient(img, sigma_px=sigma)
     assert g.shape == (2, 2, 40, 50)
     r = int(math.ceil(3 * sigma)) + 1
     inner = g[..., r:-r, r:-r]
@@ -296,13 +296,13 @@ def test_image_gradient_of_ramp(sigma):
 def test_image_gradient_smooths_and_rejects_bad_input():
     img = torch.zeros(1, 31, 31)
     img[0, 15, 15] = 1.0
-    g = drr.image_gradient(img, sigma_px=2.0)
+    g = gradients.image_gradient(img, sigma_px=2.0)
     # derivative of a Gaussian blob: antisymmetric, zero at the centre
     assert abs(float(g[0, 0, 15, 15])) < 1e-6
     assert float(g[0, 0, 15, 13]) > 0 > float(g[0, 0, 15, 17])
     assert float(g[0, 1, 13, 15]) > 0 > float(g[0, 1, 17, 15])
     with pytest.raises(InputError):
-        drr.image_gradient(torch.zeros(31, 31))
+        gradients.image_gradient(torch.zeros(31, 31))
 
 
 # ----------------------------------------------------------------------------- unusual geometries, autograd, bench
