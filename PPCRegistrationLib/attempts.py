@@ -14,7 +14,7 @@ import torch
 
 from .config import REFINE, IterationState
 from .errors import InputError
-from .geometry import crop_projection, invert_rigid, rotation_angle_deg, transform_points
+from .geometry import crop_projection, invert_rigid, rotation_angle_deg, so3_exp, transform_points
 from .metrics import mtre as mtre_fn
 from .refine import make_refiner, pose_similarity
 
@@ -102,15 +102,31 @@ class RefineAndRestart:
         return st
 
     def _restart_from_initial(self) -> None:
-        """The estimate, best estimate, search range and damping as at the start of a registration."""
-        self.T = self.T_init.clone()
-        self.best_T = self.T_init.clone()
+        """The estimate (the current attempt's start), best estimate, search range and damping as at the start of a
+        registration."""
+        self.T = self._attempt_start_pose()
+        self.best_T = self.T.clone()
         self.best_similarity = -math.inf
         self.since_best = 0
         self.search_px = float(self.config.search_px)
         self.damping = float(self.config.damping_initial)
         self.lm_lambda = 1.0
         self._lm_prev = None
+
+    def _attempt_start_pose(self) -> torch.Tensor:
+        """The initial estimate, tilted about the detector's u and v axes through the region's centre by the current
+        attempt's ``tilt_deg``."""
+        tilt = self.current_attempt.tilt_deg
+        if not any(tilt):
+            return self.T_init.clone()
+        R_wc = self.projection.world_from_camera[0, :3, :3].to(self.T_init)
+        w = self.T_init.new_tensor([math.radians(tilt[0]), math.radians(tilt[1]), 0.0])
+        R = R_wc @ so3_exp(w) @ R_wc.T
+        centre = transform_points(self.T_init, self.targets).mean(0)
+        P = torch.eye(4, dtype=self.T_init.dtype, device=self.T_init.device)
+        P[:3, :3] = R
+        P[:3, 3] = centre - R @ centre
+        return P @ self.T_init
 
     def _start_attempt(self) -> None:
         """Begin the schedule's next attempt from the initial estimate, in its first phase."""
@@ -148,7 +164,8 @@ class RefineAndRestart:
             self._start_attempt()
             what = self.current_attempt.description
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               f"starting again from the initial estimate" + (f" {what}" if what else ""))
+                               "starting again " + (what if what.startswith("from ") else
+                                                     "from the initial estimate" + (f" {what}" if what else "")))
         # the attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])

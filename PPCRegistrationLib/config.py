@@ -105,6 +105,12 @@ class RegistrationConfig:
         lumbar cases the fast refinement lost, full-resolution L-BFGS at every scale rescued 4.
     retry_patience: ``patience`` of that second attempt (it stops and reverts to its best estimate when the image
         similarity has not improved for that many updates).
+    restart_tilt_deg: when that retry is poor too, up to four more attempts start from the initial estimate tilted by
+        this angle (degrees) about the detector's u, then v axis (+, then -) through the region's centre: the
+        out-of-plane rotations a single view sees worst, where a PPC loop from a wrong tilt locks onto the wrong edges
+        (often a neighbouring vertebra).  Each is pre-aligned, not refined thoroughly; the first that correlates well
+        ends the registration (0 = off).  Measured on the 11 failures of 100 lumbar cases (0-20 mm): a 10 degree tilt
+        solved 8 of them, each at a gradient correlation >= 0.92 (the failed attempts <= 0.60).
     lm: Levenberg–Marquardt control of the classic PPC updates (docs/design.md §4.2): every damping above is
         multiplied by a factor that falls (/3, down to ``lm_min``) when the re-measured re-projection cost of the next
         update fell as the solve predicted, rises (x2, up to ``lm_max``) when it fell much less, and a step that made
@@ -157,6 +163,7 @@ class RegistrationConfig:
     refine_iterations_per_update: int = 0
     retry_below_similarity: float = 0.7
     retry_patience: int = 5
+    restart_tilt_deg: float = 10.0
     refine_thorough_iterations: int = 20
     lm: bool = True
     lm_min: float = 1e-3
@@ -185,6 +192,9 @@ class RegistrationConfig:
         if self.flow_flips not in (1, 2, 4):
             raise InputError(f"flow_flips must be 1, 2 or 4 (mirrorings the learned flow is averaged over), got "
                              f"{self.flow_flips}")
+        if not (0.0 <= float(self.restart_tilt_deg) < 90.0):
+            raise InputError(f"restart_tilt_deg must be in [0, 90) degrees (0 = no tilted restarts), got "
+                             f"{self.restart_tilt_deg}")
         if int(self.window_px) < 0 or int(self.window_px) != self.window_px:
             raise InputError(f"window_px must be a non-negative whole number of pixels (0 = around the region of "
                              f"interest), got {self.window_px}")

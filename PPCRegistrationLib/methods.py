@@ -247,8 +247,8 @@ class Method:
 
         ``classic`` and a learned operator alone: one phase (:func:`~PPCRegistrationLib.schedule.single_schedule`).
         ``<learned>+classic``: attempt 1 is ``learned_steps`` learned updates (fewer after one below ``switch_mm``),
-        then classic PPC updates and the refinement; with the classic fallback, attempts 2 and 3 are the classic
-        registration's two attempts, exactly as it runs alone; without it, only classic's retry.
+        then classic PPC updates and the refinement; with the classic fallback, the next attempts are the classic
+        registration's, exactly as it runs alone (the tilted restarts included); without it, only classic's retry.
         """
         base = base or RegistrationConfig()
         first = self.config(base, pixel_spacing_mm)
@@ -259,8 +259,8 @@ class Method:
         chain = Attempt((learned, classic.attempts[0].phases[0]), prealign=False, thorough=True)
         fallback = [replace(a, description=d) for a, d in zip(classic.attempts, (
             "with the classic registration (2D pre-alignment and classic PPC updates)",
-            "with classic PPC updates without the 2D pre-alignment"))]
-        return Schedule(self.name, (chain, *(fallback if self.classic_fallback else fallback[1:])))
+            "with classic PPC updates without the 2D pre-alignment"))] + list(classic.attempts[2:])
+        return Schedule(self.name, (chain, *(fallback if self.classic_fallback else fallback[1:2])))
 
     def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,
                      T_gt=None, surface=None, renderer=None) -> Registration:

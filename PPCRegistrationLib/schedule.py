@@ -8,9 +8,10 @@ names the solve, and when the phase ends), then the intensity refinement of the 
 
     classic                     attempt 1: pre-align, classic PPC, refine  (+ thorough pass when poor)
                                 attempt 2: classic PPC without pre-alignment, stop on a falling similarity, refine
+                                attempts 3-6: from the initial estimate tilted +-10 degrees out of plane
     <learned>                   attempt 1: learned PPC (plain solve), no refinement
     <learned>+classic           attempt 1: 1 learned update, classic PPC, refine
-                                attempt 2, 3: classic's attempts 1 and 2 (the classic fallback)
+                                attempts 2-7: classic's attempts (the classic fallback)
 
 Keeping the best result by image similarity over all attempts (and the initial estimate) is part of every schedule.
 """
@@ -73,6 +74,9 @@ class Attempt:
             gain of image similarity (instead of ``patience``).
         thorough: a poorly correlating result gets the thorough full-resolution refinement of its PPC result before
             the next attempt (``refine_thorough_iterations``).
+        tilt_deg: the attempt starts from the initial estimate rotated by these angles (degrees) about the detector's
+            u and v axes (camera x and y) through the region of interest's centre (a multi-start over the out-of-plane
+            rotations a single view sees worst); ``(0, 0)`` = the initial estimate itself.
         description: what the attempt is, for the history's messages ("without the 2D pre-alignment").
     """
 
@@ -80,12 +84,18 @@ class Attempt:
     prealign: bool = True
     patience: bool = False
     thorough: bool = True
+    tilt_deg: tuple[float, float] = (0.0, 0.0)
     description: str = ""
 
     def __post_init__(self) -> None:
         if not self.phases:
             raise InputError("an attempt needs at least one PPC phase")
         object.__setattr__(self, "phases", tuple(self.phases))
+        tilt = tuple(float(a) for a in self.tilt_deg)
+        if len(tilt) != 2 or not all(abs(a) < 90 for a in tilt):
+            raise InputError(f"tilt_deg needs two angles (degrees, about the detector's u and v axes) below 90, got "
+                             f"{self.tilt_deg}")
+        object.__setattr__(self, "tilt_deg", tilt)
 
     @property
     def refines(self) -> bool:
@@ -129,11 +139,17 @@ class Schedule:
 
 def single_schedule(config: RegistrationConfig, matcher: Matcher | None = None) -> Schedule:
     """The schedule of one operator (classic PPC, or a learned operator alone): one phase; when it refines, a
-    retry without the 2D pre-alignment that stops on a falling similarity (docs/design.md §4.4)."""
+    retry without the 2D pre-alignment that stops on a falling similarity, then the tilted restarts of
+    ``config.restart_tilt_deg`` (docs/design.md §4.4)."""
     phase = PPCPhase(config, matcher or ClassicMatcher())
     first = Attempt((phase,), prealign=True, thorough=True)
     if not first.refines:
         return Schedule(config.method, (first,))
     retry = Attempt((phase,), prealign=False, patience=True, thorough=False,
                     description="without the 2D pre-alignment")
-    return Schedule(config.method, (first, retry))
+    a = float(config.restart_tilt_deg)
+    tilts = [Attempt((phase,), prealign=True, thorough=False, tilt_deg=t,
+                     description=f"from the initial estimate tilted {t[0] + t[1]:+g} degrees about the detector's "
+                                 f"{'u' if t[0] else 'v'} axis")
+             for t in ((a, 0.0), (0.0, a), (-a, 0.0), (0.0, -a))] if a > 0 else []
+    return Schedule(config.method, (first, retry, *tilts))

@@ -131,7 +131,7 @@ def test_chain_switches_from_learned_to_classic_after_k_updates(lumbar, models_d
     reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
                          RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0, refine_iterations=3),
                          T_gt=case.T_gt, surface=surface, renderer=renderer)
-    assert reg.schedule.name == "ppc-flow-attention+classic" and len(reg.schedule.attempts) == 3
+    assert reg.schedule.name == "ppc-flow-attention+classic" and len(reg.schedule.attempts) == 7
     assert reg.phase.name == "ppc-flow-attention" and reg.phase.max_updates == 2
     res = reg.run(callback=seen.append)
     # the learned phase never refines; the classic phase ends with one intensity refinement update per scale
@@ -289,7 +289,8 @@ def test_join_evaluations_by_seed_and_by_method(lumbar, capsys, tmp_path):
 def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir):
     """A learned pipeline whose result counts as poor (here: any result, retry_below_similarity > 1) starts again
     from the initial estimate as the classic registration runs alone: its second attempt is classic's first (with the
-    2D pre-alignment) and its third classic's retry, to the same poses (real lumbar CT); it keeps the best of all.
+    2D pre-alignment), its third classic's retry and then classic's tilted restarts, to the same poses (real lumbar
+    CT); it keeps the best of all.
     Without the fallback only classic's retry follows."""
     ct, roi, renderer, surface, case = lumbar
     cfg = RegistrationConfig(device="cpu", max_iterations=3, refine_iterations=2, retry_below_similarity=1.01)
@@ -299,11 +300,11 @@ def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir
                                   surface=surface, renderer=renderer)
         return reg, reg.run()
 
-    # candidates: each pre-aligned attempt's result and its thorough re-refinement, then the retry's result
+    # candidates: the first attempt's result and its thorough re-refinement, the retry's, the four tilted restarts'
     classic, res_c = run(methods.resolve_method("classic"))
-    assert classic.attempt == 2 and len(classic._candidates) == 3
+    assert classic.attempt == 6 and len(classic._candidates) == 7
     pipe, res_p = run(methods.resolve_method("flow+classic", models_dir=models_dir))
-    assert pipe.attempt == 3 and len(pipe._candidates) == 5
+    assert pipe.attempt == 7 and len(pipe._candidates) == 9
     for (sim_p, T_p, _), (sim_c, T_c, _) in zip(pipe._candidates[2:], classic._candidates):
         assert torch.allclose(T_p, T_c, atol=1e-9) and sim_p == pytest.approx(sim_c, abs=1e-9)
     messages = " ".join(st.message for st in res_p.history)

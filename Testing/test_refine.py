@@ -163,7 +163,7 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 91, (0, 20))
-    cfg = RegistrationConfig(retry_below_similarity=1.01)
+    cfg = RegistrationConfig(retry_below_similarity=1.01, restart_tilt_deg=0.0)
     reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
                        surface=surface, renderer=renderer)
     res = reg.run()
@@ -183,6 +183,31 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
     assert res.status == ("diverged" if kept_initial else "converged")
     reg.reset()
     assert reg.attempt == 1 and reg.ppc_iterations == 0
+
+
+def test_tilted_restarts_rescue_a_case_locked_on_wrong_edges(lumbar):
+    """Lumbar case 46 (15.8 mm off): the first attempt (pre-aligned) and the retry (without pre-alignment) lock onto
+    wrong edges (>= 4 mm, gradient correlation < 0.4); the first tilted restart (+10 degrees about the detector's u
+    axis, about the region's centre) solves it, and the registration stops there."""
+    from PPCRegistrationLib.geometry import transform_points
+
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    case = make_case(renderer, pts, 46, (0, 20))
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(), T_gt=case.T_gt,
+                       surface=surface, renderer=renderer)
+    res = reg.run()
+    restarts = [st for st in res.history if "starting again" in st.message]
+    assert reg.attempt == 3 and len(restarts) == 2
+    assert "tilted +10 degrees about the detector's u axis" in restarts[1].message
+    start = restarts[1].T.to(torch.float64)
+    assert float(rotation_angle_deg(start @ invert_rigid(case.T_init))) == pytest.approx(10.0, abs=1e-6)
+    centre = lambda T: transform_points(T, pts).mean(0)  # noqa: E731
+    assert torch.allclose(centre(start), centre(case.T_init), atol=1e-6)  # tilted about the region's centre
+    assert all(float(mtre(T, case.T_gt, pts)) > 4.0 for _, T, _ in reg._candidates[:-1])
+    assert float(mtre(res.T, case.T_gt, pts)) < 1.0 and res.status == "converged"
+    assert reg._candidates[-1][0] > 0.9  # the solved attempt correlates well; the failed ones did not
+    assert all(sim < 0.5 for sim, _, _ in reg._candidates[:-1])
 
 
 def test_nothing_is_lost_on_a_garbage_xray(lumbar):

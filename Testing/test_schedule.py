@@ -17,10 +17,14 @@ from PPCRegistrationLib.schedule import Attempt, PPCPhase, Schedule, single_sche
 from PPCRegistrationLib.simulation import ViewSampler, make_case
 
 
-def test_classic_schedule_is_two_attempts_of_one_phase():
+def test_classic_schedule_is_six_attempts_of_one_phase():
     s = methods.resolve_method("classic").schedule(RegistrationConfig(max_iterations=12))
-    assert s.name == "classic" and len(s.attempts) == 2
-    first, retry = s.attempts
+    assert s.name == "classic" and len(s.attempts) == 6
+    first, retry, *tilted = s.attempts
+    assert first.tilt_deg == retry.tilt_deg == (0.0, 0.0)
+    assert [a.tilt_deg for a in tilted] == [(10.0, 0.0), (0.0, 10.0), (-10.0, 0.0), (0.0, -10.0)]
+    assert all(a.prealign and not a.thorough and not a.patience and a.refines for a in tilted)
+    assert len(methods.resolve_method("classic").schedule(RegistrationConfig(restart_tilt_deg=0)).attempts) == 2
     assert first.prealign and first.thorough and not first.patience and first.refines
     assert not retry.prealign and retry.patience and not retry.thorough
     assert [p.config.solver for p in first.phases] == ["robust"] and first.phases[0].config.max_iterations == 12
@@ -28,6 +32,7 @@ def test_classic_schedule_is_two_attempts_of_one_phase():
     lines = s.describe()
     assert lines[0].startswith("attempt 1: 2D pre-alignment -> classic PPC updates, robust solve -> intensity")
     assert "stopping on a falling similarity" in lines[1] and "without the 2D pre-alignment" in lines[1]
+    assert "tilted +10 degrees about the detector's u axis" in lines[2] and "v axis" in lines[5]
 
 
 def test_learned_alone_and_chained_schedules():
@@ -38,7 +43,7 @@ def test_learned_alone_and_chained_schedules():
     assert phase.name == "ppc-flow" and phase.config.solver == "plain" and phase.config.coarse_search_px == 0
 
     chain = methods.resolve_method("ppc-flow+classic", operator=op, learned_steps=2, switch_mm=0.3).schedule()
-    assert chain.name == "ppc-flow+classic" and len(chain.attempts) == 3
+    assert chain.name == "ppc-flow+classic" and len(chain.attempts) == 7
     learned, classic = chain.attempts[0].phases
     assert (learned.name, learned.max_updates, learned.switch_mm) == ("ppc-flow", 2, 0.3)
     assert classic.name == "classic" and classic.config.solver == "robust"
@@ -58,6 +63,10 @@ def test_schedule_validation():
         Schedule("x", ())
     with pytest.raises(InputError, match="max_updates >= 0"):
         PPCPhase(cfg, max_updates=-1)
+    with pytest.raises(InputError, match="tilt_deg needs two angles"):
+        Attempt((PPCPhase(cfg),), tilt_deg=(95.0, 0.0))
+    with pytest.raises(InputError, match="restart_tilt_deg"):
+        RegistrationConfig(restart_tilt_deg=-1)
     assert len(single_schedule(replace(cfg, refine_iterations=0)).attempts) == 1
     phase = PPCPhase(cfg, max_updates=2, switch_mm=0.5)
     assert not phase.ends_after(1, 1.0) and phase.ends_after(2, 1.0) and phase.ends_after(1, 0.2)
