@@ -34,7 +34,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import __version__, cli_bench, cli_register, cli_train
+from . import __version__, cli_bench, cli_methods, cli_register, cli_train
 from .cli_common import EXIT_ERROR, EXIT_OK, _positive_int, _torch
 from .errors import PPCError
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     cli_register.add_parsers(sub)  # sample-data, simulate, register, evaluate, join-evaluations
+    cli_methods.add_parser(sub)  # methods
     cli_bench.add_parser(sub)  # bench
     cli_train.add_parsers(sub)  # make-dataset, train
     return parser

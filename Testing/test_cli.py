@@ -378,3 +378,18 @@ def test_evaluate_oracle_beside_classic(capsys, lumbar_ct_path, lumbar_labels_pa
     summary = json.loads((out_dir / "summary.json").read_text())
     assert list(summary["methods"]) == ["classic", "oracle"]
     assert summary["methods"]["oracle"]["one_update"]["mtre_mean"] < summary["initial"]["mtre_mean"]
+
+
+def test_methods_lists_every_method_with_its_schedule(capsys, tmp_path):
+    """``ppcreg methods``: every method by name with its stages; a learned method whose model file is missing says
+    so instead of failing the listing."""
+    from PPCRegistrationLib.methods import ALL_METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{m}: " in out for m in ALL_METHODS)
+    assert "attempt 6: 2D pre-alignment" in out and "tilted -10 degrees about the detector's v axis" in out
+    assert "flow PPC updates, plain solve (at most 1) -> classic PPC updates" in out
+    assert main(["methods", "--models-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"model file {tmp_path / 'flow.pt'}: not usable" in out and "classic: Classic PPC" in out
