@@ -445,7 +445,8 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("PPCRegistration update failed")
             return
         self.showState(state)
-        self.ui.progressBar.setValue(min(100, int(100 * reg.ppc_iterations / max(1, reg.config.max_iterations))))
+        budget = max(1, reg.config.guards.max_iterations)
+        self.ui.progressBar.setValue(min(100, int(100 * reg.ppc_iterations / budget)))
         if state.status != "running":
             self.stopTimer(state.status)
 

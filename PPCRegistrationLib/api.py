@@ -24,10 +24,10 @@ import torch
 
 from .config import IterationState, RegistrationConfig, RegistrationResult
 from .drr import DRRRenderer
-from .features import extract_surface_points
 from .formats import load_geometry, load_transform, projection_in_lps, transform_in_lps
 from .geometry import Projection
 from .io import read_label_map
+from .registration import registration_surface
 from .roi import LabelROI, roi_from_vertebra
 from .simulation import SimulatedCase, ViewSampler, make_case
 from .volume import Volume
@@ -56,9 +56,7 @@ def simulate_case(ct: Volume, roi=None, *, seed: int = 0, mtre_mm: float | tuple
                   detector_px: int = 256) -> SimulatedCase:
     """A simulated X-ray of ``ct`` at a random C-arm view (docs/design.md §6), with the ground truth ``T_gt`` and an
     initial estimate ``T_init`` at ``mtre_mm`` (or uniform in a range) over the region's surface points."""
-    cfg = RegistrationConfig()
-    surface = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points,
-                                     seed=cfg.seed)
+    surface = registration_surface(ct, roi)
     rng = (float(mtre_mm), float(mtre_mm)) if isinstance(mtre_mm, (int, float)) else tuple(map(float, mtre_mm))
     return make_case(DRRRenderer(ct), surface.points.to(torch.float64), seed, rng,
                      ViewSampler(detector_size_px=detector_px))

@@ -29,23 +29,23 @@ class RefineAndRestart:
         (``refine_iterations_per_update``)."""
         t0 = time.perf_counter()
         cfg = self.config
-        sigmas = cfg.refine_sigmas_px
+        sigmas = cfg.refine.sigmas_px
         sigma = sigmas[min(self.refine_level, len(sigmas) - 1)]
         if self._refiner is None:
             self._refine_start = self.T.clone()
             # the thorough pass (see RegistrationConfig.refine_thorough_iterations): L-BFGS at full resolution
             thorough = self._thorough == "running"
-            self._refiner = make_refiner("lbfgs" if thorough else cfg.refine_solvers[self.refine_level],
+            self._refiner = make_refiner("lbfgs" if thorough else cfg.refine.solvers[self.refine_level],
                                          self.renderer, self.xray, self.projection, self.T, self.surface.points,
                                          sigma_px=sigma,
-                                         grid_px=1 if thorough else int(cfg.refine_grids_px[self.refine_level]),
-                                         iterations=int(cfg.refine_thorough_iterations if thorough
-                                                        else cfg.refine_iterations),
-                                         highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px,
-                                         margin_px=int(cfg.window_margin_px))
+                                         grid_px=1 if thorough else int(cfg.refine.grids_px[self.refine_level]),
+                                         iterations=int(cfg.refine.thorough_iterations if thorough
+                                                        else cfg.refine.iterations),
+                                         highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
+                                         margin_px=int(cfg.matching.window_margin_px))
         T = self._refine_start
         refiner = self._refiner
-        done = refiner.advance(int(cfg.refine_iterations_per_update) or None, lambda: self.stop_requested)
+        done = refiner.advance(int(cfg.refine.iterations_per_update) or None, lambda: self.stop_requested)
         res = refiner.result()
         if not done:  # part of a scale: show the best pose so far, decide at the end of the scale
             T_prev = self.T
@@ -56,11 +56,11 @@ class RefineAndRestart:
         self._refiner = None
         T_new = res.T.to(T)
         drift = float(mtre_fn(T_new, self.T_init, self.targets))
-        if res.accepted and drift > cfg.max_drift_mm:
+        if res.accepted and drift > cfg.guards.max_drift_mm:
             # the image similarity barely constrains the depth: a refinement that wanders off is not taken
             res = replace(res, accepted=False, T=T.clone(), similarity_after=res.similarity_before,
                           message=f"it moved the estimate {drift:.1f} mm away from the initial transform (limit "
-                                  f"{cfg.max_drift_mm} mm)")
+                                  f"{cfg.guards.max_drift_mm} mm)")
             T_new = T
         self.refine_level += 1
         last = self.refine_level >= len(sigmas) or res.message == "stopped on request"
@@ -108,8 +108,8 @@ class RefineAndRestart:
         self.best_T = self.T.clone()
         self.best_similarity = -math.inf
         self.since_best = 0
-        self.search_px = float(self.config.search_px)
-        self.damping = float(self.config.damping_initial)
+        self.search_px = float(self.config.matching.search_px)
+        self.damping = float(self.config.solver.damping_initial)
         self.lm_lambda = 1.0
         self._lm_prev = None
 
@@ -143,7 +143,7 @@ class RefineAndRestart:
         cfg = self.config
         self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()
-        good = similarity >= cfg.retry_below_similarity and similarity > initial
+        good = similarity >= cfg.restart.below_similarity and similarity > initial
         if self._thorough == "running":
             self._thorough = "done"
         if self.attempt == 1 and self.stop_requested:
@@ -151,7 +151,7 @@ class RefineAndRestart:
         if self.attempt == 1 and good and len(self._candidates) == 1:
             return self._ppc_outcome, ""
         if not good and not self.stop_requested and self.current_attempt.thorough and not self._thorough and \
-                cfg.refine_thorough_iterations > 0:
+                cfg.refine.thorough_iterations > 0:
             # refine the PPC result once more, thoroughly, before starting again from the initial estimate (in an
             # attempt that starts as the classic registration does, so a chained method's classic fallback still
             # reproduces the classic registration)
@@ -179,8 +179,8 @@ class RefineAndRestart:
         """The refinement's gradient correlation (finest scale) of a pose, without gradients."""
         cfg = self.config
         return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
-                               sigma_px=cfg.refine_sigmas_px[-1], highpass_px=cfg.refine_highpass_px,
-                               blur_px=cfg.refine_blur_px, margin_px=int(cfg.window_margin_px))
+                               sigma_px=cfg.refine.sigmas_px[-1], highpass_px=cfg.refine.highpass_px,
+                               blur_px=cfg.refine.blur_px, margin_px=int(cfg.matching.window_margin_px))
 
     def _initial_similarity(self) -> float:
         """The refinement's gradient correlation at the initial estimate (computed once)."""

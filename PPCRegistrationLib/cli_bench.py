@@ -97,7 +97,7 @@ def _cmd_bench(args) -> int:
     w_all = transform_points(T, P0)
     g_all = G0 @ T[:3, :3].T
     uv_all = projr.project(w_all[None])[0]
-    margin = cfg.window_margin_px + cfg.search_px
+    margin = cfg.matching.window_margin_px + cfg.matching.search_px
     u0, v0 = (max(0, int(math.floor(float(x) - margin))) for x in uv_all.min(0).values)
     u1 = min(n - 1, int(math.ceil(float(uv_all[:, 0].max()) + margin)))
     v1 = min(n - 1, int(math.ceil(float(uv_all[:, 1].max()) + margin)))
@@ -105,26 +105,26 @@ def _cmd_bench(args) -> int:
         raise InputError("the region of interest projects outside the simulated detector; choose another ROI")
     ww, wh = u1 - u0 + 1, v1 - v0 + 1
     sub = crop_projection(projr, u0, v0, ww, wh)
-    sigma = max(cfg.gradient_sigma_px, min(3.0, cfg.search_px / 8))
+    sigma = max(cfg.matching.gradient_sigma_px, min(3.0, cfg.matching.search_px / 8))
     xray_win = reg.xray[None, v0:v0 + wh, u0:u0 + ww]
     drr = renderer.render(sub, T[None])
     drr_grad = image_gradient(drr, sigma_px=sigma)
     xray_grad = image_gradient(xray_win, sigma_px=sigma)
 
     def contour():
-        m = contour_mask(P0[None], G0[None], projr.source, T[None], theta_deg=cfg.contour_theta_deg)[0]
+        m = contour_mask(P0[None], G0[None], projr.source, T[None], theta_deg=cfg.matching.contour_theta_deg)[0]
         idx = torch.nonzero(m).flatten()
         return idx, project_normals(projr, w_all[idx][None], g_all[idx][None])
 
     idx, normals = contour()
     uv_c = (uv_all[idx] - uv_all.new_tensor([u0, v0]))[None].float()
-    res = match_along_normals(drr_grad, xray_grad, uv_c, normals.float(), search_px=cfg.search_px)
+    res = match_along_normals(drr_grad, xray_grad, uv_c, normals.float(), search_px=cfg.matching.search_px)
     wts = (res.score * res.valid.to(res.score.dtype)).double()
     rays = projr.ray_directions(res.uv_matched.double() + uv_all.new_tensor([u0, v0]))
     w_c, g_c = w_all[idx][None], g_all[idx][None]
 
     def solve():
-        for _ in range(cfg.robust_iterations + 1):
+        for _ in range(cfg.solver.robust_iterations + 1):
             solve_ppc(w_c, g_c, projr.source, rays, wts)
 
     def full_step():
@@ -137,8 +137,8 @@ def _cmd_bench(args) -> int:
                                              image_gradient(xray_win, sigma_px=sigma))),
         ("contour selection + 2D normals", contour),
         ("matching (along normals)", lambda: match_along_normals(drr_grad, xray_grad, uv_c, normals.float(),
-                                                                 search_px=cfg.search_px)),
-        (f"solve ({cfg.robust_iterations + 1} weighted PPC solves)", solve),
+                                                                 search_px=cfg.matching.search_px)),
+        (f"solve ({cfg.solver.robust_iterations + 1} weighted PPC solves)", solve),
         ("whole update (Registration.step)", full_step),
     ]
     _say("")
@@ -155,15 +155,16 @@ def _cmd_bench(args) -> int:
     evals: list[int] = []
 
     def whole_refinement():
-        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine_sigmas_px,
-                        grids_px=cfg.refine_grids_px, solvers=cfg.refine_solvers, iterations=cfg.refine_iterations,
-                        highpass_px=cfg.refine_highpass_px, blur_px=cfg.refine_blur_px, margin_px=cfg.window_margin_px)
+        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine.sigmas_px,
+                        grids_px=cfg.refine.grids_px, solvers=cfg.refine.solvers, iterations=cfg.refine.iterations,
+                        highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
+                        margin_px=cfg.matching.window_margin_px)
         evals.append(r.evaluations)
 
     _say("")
-    _say(f"intensity refinement (refine.refine_pose: at most {cfg.refine_iterations} iterations per scale, scales "
-         f"{cfg.refine_sigmas_px} px on grids {cfg.refine_grids_px}, solvers {cfg.refine_solvers})")
-    for sigma, grid in zip(cfg.refine_sigmas_px, cfg.refine_grids_px):
+    _say(f"intensity refinement (refine.refine_pose: at most {cfg.refine.iterations} iterations per scale, scales "
+         f"{cfg.refine.sigmas_px} px on grids {cfg.refine.grids_px}, solvers {cfg.refine.solvers})")
+    for sigma, grid in zip(cfg.refine.sigmas_px, cfg.refine.grids_px):
         pr = PoseRefiner(renderer, reg.xray, reg.projection, T, P0, sigma_px=sigma, grid_px=grid, iterations=1)
         _say(f"{f'one batch of 7 DRRs at {sigma:g} px (grid {grid})':<40} "
              f"{_median_ms(lambda: pr._linearise(pr._d), reps, sync):>12.2f}")

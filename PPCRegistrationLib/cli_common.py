@@ -171,11 +171,9 @@ def _roi_cli_args(desc: dict) -> list[str]:
 
 def _surface(ct, roi):
     """Surface points with the registration's default settings (so they equal the registration targets)."""
-    from .features import extract_surface_points
-    from .registration import RegistrationConfig
+    from .registration import registration_surface
 
-    cfg = RegistrationConfig()
-    s = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points, seed=cfg.seed)
+    s = registration_surface(ct, roi)
     if len(s) < 6:
         raise InputError(f"only {len(s)} bone surface points in the region of interest: enlarge the region "
                          "(is the CT in Hounsfield units?)")

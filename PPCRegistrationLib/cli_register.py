@@ -130,8 +130,9 @@ def _cmd_register(args) -> int:
     if (proj.height, proj.width) != (xray.height, xray.width):
         raise InputError(f"the X-ray {xray_path} has {xray.height}x{xray.width} pixels (rows x columns) but the "
                          f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
-    cfg = RegistrationConfig(method=method_name, max_iterations=args.iterations, tolerance_mm=args.tolerance,
-                             device=args.device, refine_iterations=args.refine_iterations, flow_flips=args.flow_flips)
+    cfg = RegistrationConfig(method=method_name, device=args.device).updated({
+        "guards.max_iterations": args.iterations, "guards.tolerance_mm": args.tolerance,
+        "refine.iterations": args.refine_iterations, "learned.flow_flips": args.flow_flips})
     method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
                             device=cfg.resolved_device(), learned_steps=args.learned_steps,
                             classic_fallback=not args.no_classic_fallback)
@@ -146,7 +147,7 @@ def _cmd_register(args) -> int:
 
     from tqdm.auto import tqdm
 
-    n_refine = len(cfg.refine_sigmas_px) if cfg.refine_iterations else 0
+    n_refine = len(cfg.refine.sigmas_px) if cfg.refine.iterations else 0
     bar = tqdm(total=args.iterations + n_refine, desc="register", unit="it", disable=True if args.quiet else None,
                leave=False, file=sys.stderr)
 
@@ -256,7 +257,8 @@ def _cmd_evaluate(args) -> int:
                       device=args.device, variation=XRayVariation.none() if args.no_variation else None,
                       models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
                       classic_fallback=not args.no_classic_fallback,
-                      config=RegistrationConfig(refine_iterations=args.refine_iterations, flow_flips=args.flow_flips),
+                      config=RegistrationConfig().updated({"refine.iterations": args.refine_iterations,
+                                                           "learned.flow_flips": args.flow_flips}),
                       progress=not args.quiet)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)

@@ -19,7 +19,6 @@ import csv
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,11 +26,11 @@ import torch
 
 from .drr import DRRRenderer
 from .errors import InputError
-from .features import SurfacePoints, extract_surface_points
+from .features import SurfacePoints
 from .metrics import mrpd, mtre, paired_comparison, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
     models_from_mapping, normalize_method, resolve_method
-from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig
+from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig, registration_surface
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
 
@@ -143,10 +142,10 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     if not (0 <= lo <= hi) or not math.isfinite(hi):
         raise InputError(f"the initial mTRE range must satisfy 0 <= lo <= hi (mm), got {lo} {hi}")
     base = config or RegistrationConfig()
-    cfg = RegistrationConfig(**{**base.to_dict(), "max_iterations": int(iterations),
-                                "tolerance_mm": float(tolerance_mm), "device": device})
+    cfg = base.updated({"guards.max_iterations": int(iterations), "guards.tolerance_mm": float(tolerance_mm),
+                        "device": device})
     if int(iterations) == 1:  # one update only (Table 1): no intensity refinement after it
-        cfg = replace(cfg, refine_iterations=0)
+        cfg = cfg.updated({"refine.iterations": 0})
     dev = cfg.resolved_device()
     # the learned operators are loaded (and their files checked) once, before any case is simulated
     model_files = models_from_mapping(models)
@@ -165,8 +164,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
                   if isinstance(r, Method) and r.model_path is not None}
     views = views or ViewSampler(detector_size_px=int(detector_px))
     if surface is None:
-        surface = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points,
-                                         seed=cfg.seed)
+        surface = registration_surface(ct, roi, cfg)
     if len(surface) < 6:
         raise InputError(f"only {len(surface)} surface points in the region of interest: enlarge the region")
     renderer = renderer or DRRRenderer(ct, device=dev)
@@ -196,7 +194,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
-                   "flow_flips": int(cfg.flow_flips),
+                   "flow_flips": int(cfg.learned.flow_flips),
                    "roi": repr(roi) if roi is not None else "whole CT", "one_update_only": int(iterations) == 1,
                    "models": {m: v["file"] for m, v in model_info.items()},
                    "learned_steps": int(learned_steps), "switch_mm": float(switch_mm),
@@ -308,8 +306,8 @@ def _run_method(ct: Volume, case, roi, cfg: RegistrationConfig, method: Method |
                                   surface=surface, renderer=renderer)
     elif isinstance(method, OracleMatcher):  # perfect matching through the learned operators' plain solve
         # no safety limits on the size of the update: the oracle's update is as large as the initial error
-        ocfg = replace(method_config("flow", cfg, search_px=ORACLE_SEARCH_PX), max_update_mm=math.inf,
-                       max_drift_mm=math.inf)
+        ocfg = method_config("flow", cfg, search_px=ORACLE_SEARCH_PX).updated(
+            {"guards.max_update_mm": math.inf, "guards.max_drift_mm": math.inf})
         reg = Registration(ct, case.xray, case.projection, case.T_init, roi, ocfg, T_gt=case.T_gt, matcher=method,
                            surface=surface, renderer=renderer)
     else:  # a custom 2D matching step

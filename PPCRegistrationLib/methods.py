@@ -171,7 +171,7 @@ def method_config(method: str, base: RegistrationConfig | None = None,
     method's overrides.  For a chained method these are the settings of its *learned* phase; the classic phase
     uses ``base`` with ``method="classic"``.
 
-    Learned: ``solver="plain"`` (one weighted PPC solve, as in training), no coarse pre-alignment, no intensity
+    Learned: ``solver.kind="plain"`` (one weighted PPC solve, as in training), no 2D pre-alignment, no intensity
     refinement (a learned operator alone is evaluated as it is; a chain's classic phase refines), and a fixed
     search range ``search_px`` (default :data:`LEARNED_SEARCH_PX`; :meth:`Method.registration` uses the
     operator's reach, :func:`learned_search_px`): matches displaced farther are dropped, and the window rendered
@@ -184,8 +184,9 @@ def method_config(method: str, base: RegistrationConfig | None = None,
     if m == CLASSIC:
         return replace(base, method=CLASSIC)
     s = float(LEARNED_SEARCH_PX if search_px is None else search_px)
-    return replace(base, method=learned_part(m), solver="plain", coarse_search_px=0.0, search_px=s,
-                   min_search_px=s, refine_iterations=0, window_px=int(window_px))
+    return base.updated({"method": learned_part(m), "solver.kind": "plain", "prealign.search_px": 0.0,
+                         "matching.search_px": s, "matching.min_search_px": s, "refine.iterations": 0,
+                         "matching.window_px": int(window_px)})
 
 
 def learned_config(operator: LearnedOperator, base: RegistrationConfig | None = None,

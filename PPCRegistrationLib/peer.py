@@ -251,7 +251,7 @@ def benchmark(ct, roi, *, out_dir: str | Path, peer: str = "diffdrr", n_cases: i
     """
     from .drr import DRRRenderer
     from .metrics import mtre
-    from .registration import Registration, RegistrationConfig
+    from .registration import Registration, RegistrationConfig, registration_surface
     from .simulation import ViewSampler, make_case
 
     if peer not in PEERS:
@@ -269,10 +269,7 @@ def benchmark(ct, roi, *, out_dir: str | Path, peer: str = "diffdrr", n_cases: i
     cfg = RegistrationConfig()
     renderer = renderer or DRRRenderer(ct)
     if surface is None:
-        from .features import extract_surface_points
-
-        surface = extract_surface_points(ct, roi, bone_threshold_hu=cfg.bone_threshold_hu, budget=cfg.n_points,
-                                         seed=cfg.seed)
+        surface = registration_surface(ct, roi, cfg)
     targets = surface.points.detach().cpu().to(torch.float64)
     views = ViewSampler()
     cases = [make_case(renderer, targets, int(seed) + i, (lo, hi), views) for i in range(int(n_cases))]

@@ -41,7 +41,16 @@ from .update import UpdateState, match, ppc_update
 from .volume import Volume
 
 __all__ = ["Registration", "RegistrationConfig", "RegistrationResult", "IterationState", "Status", "STATUSES",
-           "REFINE", "Matcher", "ClassicMatcher", "OracleMatcher", "crop_projection", "gradient_similarity"]
+           "REFINE", "Matcher", "ClassicMatcher", "OracleMatcher", "crop_projection", "gradient_similarity",
+           "registration_surface"]
+
+
+def registration_surface(ct: Volume, roi=None, config: RegistrationConfig | None = None) -> SurfacePoints:
+    """The surface points (and mTRE targets) a registration with ``config`` extracts from the region of interest
+    (``matching.bone_threshold_hu``, ``matching.n_points``, ``seed``; docs/design.md §3 step 1)."""
+    cfg = config or RegistrationConfig()
+    return extract_surface_points(ct, roi, bone_threshold_hu=cfg.matching.bone_threshold_hu,
+                                  budget=cfg.matching.n_points, seed=cfg.seed)
 
 
 def gradient_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,8 +112,7 @@ class Registration(RefineAndRestart):
         self.roi = roi
         self.renderer = renderer or DRRRenderer(ct, device=self.device)
         if surface is None:
-            surface = extract_surface_points(ct, roi, bone_threshold_hu=self.config.bone_threshold_hu,
-                                             budget=self.config.n_points, seed=self.config.seed)
+            surface = registration_surface(ct, roi, self.config)
         if surface.points.shape[0] < 6:
             raise InputError(f"only {surface.points.shape[0]} surface points in the region of interest: "
                              "enlarge the region or lower the bone threshold")
@@ -151,7 +159,7 @@ class Registration(RefineAndRestart):
         self.phase_updates = 0
         self.config = self.phase.config
         self.matcher: Matcher = self.phase.matcher
-        self.search_px = float(self.config.search_px)
+        self.search_px = float(self.config.matching.search_px)
 
     def stop(self) -> None:
         """Request the running loop to stop after the current update (keeps the last good estimate)."""
@@ -177,13 +185,14 @@ class Registration(RefineAndRestart):
         """The 2D pre-alignment of the first update (:func:`~PPCRegistrationLib.prealign.prealign`)."""
         cfg = self.config
         return prealign(self.renderer, self.projection, self._xray_gradient(PREALIGN_SIGMA_PX), T, self.surface.points,
-                        search_px=cfg.coarse_search_px, angles_deg=cfg.coarse_angles_deg, min_gain=cfg.coarse_min_gain)
+                        search_px=cfg.prealign.search_px, angles_deg=cfg.prealign.angles_deg,
+                        min_gain=cfg.prealign.min_gain)
 
     def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
         misses the detector."""
         h, w = self.projection.height, self.projection.width
-        side = int(self.config.window_px)
+        side = int(self.config.matching.window_px)
         if side > 0:  # a fixed window centred on the region, clamped to the detector (as the training samples)
             centre = uv_all.mean(0)
             if not bool(torch.isfinite(centre).all()):
@@ -194,7 +203,7 @@ class Registration(RefineAndRestart):
             inside = ((uv_all[:, 0] >= u0) & (uv_all[:, 0] < u0 + cw) & (uv_all[:, 1] >= v0)
                       & (uv_all[:, 1] < v0 + ch))
             return (u0, v0, cw, ch) if bool(inside.any()) else None
-        m = self.config.window_margin_px + self.search_px
+        m = self.config.matching.window_margin_px + self.search_px
         lo = torch.floor(uv_all.min(0).values - m)
         hi = torch.ceil(uv_all.max(0).values + m)
         u0, v0 = int(max(0, lo[0])), int(max(0, lo[1]))
@@ -206,8 +215,8 @@ class Registration(RefineAndRestart):
     # ------------------------------------------------------------------ one update
     @property
     def refine_enabled(self) -> bool:
-        """Whether this registration ends with the intensity refinement (``config.refine_iterations > 0``)."""
-        return int(self.config.refine_iterations) > 0
+        """Whether this registration ends with the intensity refinement (``config.refine.iterations > 0``)."""
+        return int(self.config.refine.iterations) > 0
 
     @property
     def ppc_iterations(self) -> int:
@@ -218,7 +227,7 @@ class Registration(RefineAndRestart):
     def budget_spent(self) -> bool:
         """True when :meth:`run` would stop for ``max_iterations``: the PPC updates are used up and no refinement
         is pending (the GUI's timer loop asks this before every update)."""
-        return not self.refining and self.ppc_iterations >= self.config.max_iterations
+        return not self.refining and self.ppc_iterations >= self.config.guards.max_iterations
 
     def step(self) -> IterationState:
         """One update from the current estimate (a PPC update, or one scale of the intensity refinement once
@@ -232,7 +241,7 @@ class Registration(RefineAndRestart):
             if failed or self.phase.ends_after(self.phase_updates, st.update_mm):
                 ended = self.phase.name
                 self._enter_phase(self.phase_index + 1)
-                if failed and self.iteration < self.config.max_iterations:
+                if failed and self.iteration < self.config.guards.max_iterations:
                     # the next phase goes on (from the best estimate when this one failed)
                     note = f"{st.status}: {st.message}" if st.message else st.status
                     st.message = f"{ended} phase ended ({note}); {self.phase.name} updates follow"
@@ -242,7 +251,7 @@ class Registration(RefineAndRestart):
         if not self.refine_enabled:
             return st
         done = st.status in ("converged", "diverged") or (st.status == "running"
-                                                          and self.ppc_iterations >= self.config.max_iterations)
+                                                          and self.ppc_iterations >= self.config.guards.max_iterations)
         if done:
             # after a divergence the estimate was reverted to the best one: the refinement starts from there
             self._ppc_outcome = st.status if st.status != "running" else "max_iterations"
@@ -258,7 +267,7 @@ class Registration(RefineAndRestart):
         """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
-        if self.ppc_iterations == 0 and self.current_attempt.prealign and cfg.coarse_search_px > 0:
+        if self.ppc_iterations == 0 and self.current_attempt.prealign and cfg.prealign.search_px > 0:
             self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients
@@ -287,11 +296,11 @@ class Registration(RefineAndRestart):
                           "reverted to the best estimate", self.T, **defaults)
         u0, v0, ww, wh = win
         sub = crop_projection(proj, u0, v0, ww, wh)
-        sigma = max(cfg.gradient_sigma_px, min(3.0, self.search_px / 8))
+        sigma = max(cfg.matching.gradient_sigma_px, min(3.0, self.search_px / 8))
         drr = self.renderer.render(sub, T[None])  # (1, wh, ww)
         # the DRR is a perfect projection: blur it like the imaging chain blurs the X-ray (detector PSF), so that
         # both gradient images have the same edge profiles (a mismatch biases the matched edge positions)
-        drr_sigma = math.sqrt(sigma ** 2 + cfg.xray_blur_px ** 2)
+        drr_sigma = math.sqrt(sigma ** 2 + cfg.matching.xray_blur_px ** 2)
         drr_grad = image_gradient(drr, sigma_px=drr_sigma)
         xg_full = self._xray_gradient(sigma)
         xray_grad = xg_full[:, :, v0:v0 + wh, u0:u0 + ww]
@@ -299,7 +308,7 @@ class Registration(RefineAndRestart):
         # the similarity is always measured at the same smoothing, so that iterations are comparable
         sim_sigma = 1.5
         similarity = gradient_similarity(
-            image_gradient(drr, sigma_px=math.sqrt(sim_sigma ** 2 + cfg.xray_blur_px ** 2)),
+            image_gradient(drr, sigma_px=math.sqrt(sim_sigma ** 2 + cfg.matching.xray_blur_px ** 2)),
             self._xray_gradient(sim_sigma)[:, :, v0:v0 + wh, u0:u0 + ww])
         drr_full = torch.zeros(proj.height, proj.width)
         drr_full[v0:v0 + wh, u0:u0 + ww] = drr[0].detach().cpu()
@@ -312,7 +321,7 @@ class Registration(RefineAndRestart):
         else:
             self.since_best += 1
 
-        mask = contour_mask(P0[None], G0[None], proj.source, T[None], theta_deg=cfg.contour_theta_deg)[0]
+        mask = contour_mask(P0[None], G0[None], proj.source, T[None], theta_deg=cfg.matching.contour_theta_deg)[0]
         uv_win = uv_all - uv_all.new_tensor([u0, v0])
         inside = (uv_win[:, 0] >= 2) & (uv_win[:, 0] <= ww - 3) & (uv_win[:, 1] >= 2) & (uv_win[:, 1] <= wh - 3)
         mask = mask & inside
@@ -331,7 +340,7 @@ class Registration(RefineAndRestart):
                             normals=project_normals(proj, w_c, g_c).float(), search_px=self.search_px,
                             context={"iteration": it, "sigma_px": sigma, "T": T, "T_gt": self.T_gt,
                                      "pixel_spacing_mm": float(proj.pixel_spacing[0, 0]), "window_projection": sub,
-                                     "flow_flips": cfg.flow_flips})
+                                     "flow_flips": cfg.learned.flow_flips})
         uv_m, weights = match(state, self.matcher)
         uv_m, weights = uv_m.double(), weights.double().clamp(0, 1)
         uv_m_full = uv_m + uv_m.new_tensor([u0, v0])
@@ -343,8 +352,8 @@ class Registration(RefineAndRestart):
             return finish("rank_deficient", f"only {int(valid.sum())} of {n_contour} contour points found a "
                           "match: kept the best estimate", self.T, update_mm=0.0, update_deg=0.0,
                           mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
-        if cfg.solver == "plain":  # the learned operator's own solve, as in training
-            solver = PlainSolver(cfg.plain_out_of_plane, cfg.damping_min)
+        if cfg.solver.kind == "plain":  # the learned operator's own solve, as in training
+            solver = PlainSolver(cfg.solver.plain_out_of_plane, cfg.solver.damping_min)
         else:
             rays = sub.ray_directions(uv_m)
             solver, rejected, cost = self._robust_solver(w_c, g_c, rays, weights, uv_m, uv_c, T)
@@ -354,8 +363,9 @@ class Registration(RefineAndRestart):
                               mean_weight=float(weights.mean()), weights=weights[0].float().cpu(), **kw)
         res = ppc_update(state, self.matcher, solver, matches=(uv_m, weights))
         sol = res.solve.solution
-        if cfg.lm and cfg.solver != "plain":
-            self._lm_prev = (cost, reprojection_cost(w_c, g_c, sub, rays, weights, sol, cfg.lm_cap_px), T.clone())
+        if cfg.solver.lm and cfg.solver.kind != "plain":
+            predicted = reprojection_cost(w_c, g_c, sub, rays, weights, sol, cfg.solver.lm_cap_px)
+            self._lm_prev = (cost, predicted, T.clone())
         final_w = res.weights[0].float().clamp(0, 1)
         if bool(sol.rank_deficient[0]):
             self.T = self.best_T.clone()
@@ -371,30 +381,31 @@ class Registration(RefineAndRestart):
         upd_mm = float(mtre_fn(T_new, T, self.targets))
         upd_deg = float(rotation_angle_deg(T_new @ invert_rigid(T)))
         kw.update(update_mm=upd_mm, update_deg=upd_deg, mean_weight=float(final_w.mean()), weights=final_w.cpu())
-        if upd_mm > cfg.max_update_mm:
+        if upd_mm > cfg.guards.max_update_mm:
             self.T = self.best_T.clone()
-            return finish("diverged", f"an update of {upd_mm:.1f} mm exceeds the {cfg.max_update_mm} mm limit: "
+            return finish("diverged", f"an update of {upd_mm:.1f} mm exceeds the {cfg.guards.max_update_mm} mm limit: "
                           "reverted to the best estimate", self.T, **kw)
         drift = float(mtre_fn(T_new, self.T_init, self.targets))
-        if drift > cfg.max_drift_mm:
+        if drift > cfg.guards.max_drift_mm:
             self.T = self.best_T.clone()
             return finish("diverged", f"the estimate moved {drift:.1f} mm away from the initial transform (limit "
-                          f"{cfg.max_drift_mm} mm): reverted to the best estimate", self.T, **kw)
+                          f"{cfg.guards.max_drift_mm} mm): reverted to the best estimate", self.T, **kw)
         # adapt the search range to the displacements actually seen
         disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[final_w > 0]
         if disp.numel():
             s = float(torch.quantile(disp, 0.9)) * 2.0 + 2.0
-            self.search_px = float(min(cfg.search_px, max(cfg.min_search_px, s)))
+            self.search_px = float(min(cfg.matching.search_px, max(cfg.matching.min_search_px, s)))
         self.T = T_new
-        if upd_mm < cfg.tolerance_mm:
+        if upd_mm < cfg.guards.tolerance_mm:
             return finish("converged", f"update {upd_mm:.3f} mm below the tolerance", T_new, **kw)
         ppc_updates = [st.update_mm for st in self.history[self._attempt_start:] if st.operator != REFINE]
-        recent = ppc_updates[-(cfg.settle_updates - 1):]
-        if cfg.settle_updates > 0 and len(recent) == cfg.settle_updates - 1 and max(recent + [upd_mm]) < cfg.settle_mm:
-            return finish("converged", f"the last {cfg.settle_updates} updates moved the estimate less than "
-                          f"{cfg.settle_mm:g} mm each: at the PPC loop's fixed point", T_new, **kw)
+        n_settle, settle_mm = cfg.guards.settle_updates, cfg.guards.settle_mm
+        recent = ppc_updates[-(n_settle - 1):]
+        if n_settle > 0 and len(recent) == n_settle - 1 and max(recent + [upd_mm]) < settle_mm:
+            return finish("converged", f"the last {n_settle} updates moved the estimate less than "
+                          f"{settle_mm:g} mm each: at the PPC loop's fixed point", T_new, **kw)
         retrying = self.current_attempt.patience
-        patience = cfg.retry_patience if retrying else cfg.patience
+        patience = cfg.restart.patience if retrying else cfg.guards.patience
         if patience > 0 and self.since_best >= patience:
             self.T = self.best_T.clone()
             # the retry's stopping rule (a falling similarity) is its convergence; in a first attempt it is a divergence
@@ -413,33 +424,33 @@ class Registration(RefineAndRestart):
         are damped; near it the weak depth directions are released), times the Levenberg–Marquardt factor, which
         falls when the re-measured re-projection cost fell as the previous step predicted and rises when it did
         not; a step that made the correspondences fit worse is taken back."""
-        cfg = self.config
+        cfg, sv = self.config, self.config.solver
         disp = torch.linalg.norm(uv_m[0] - uv_c[0].double(), dim=-1)[weights[0] > 0]
-        ratio = min(1.0, (float(disp.median()) if disp.numel() else cfg.search_px) / cfg.damping_offset_px)
-        self.damping = float(max(cfg.damping_min, cfg.damping_initial * ratio ** 2))
+        ratio = min(1.0, (float(disp.median()) if disp.numel() else cfg.matching.search_px) / sv.damping_offset_px)
+        self.damping = float(max(sv.damping_min, sv.damping_initial * ratio ** 2))
         cost = math.nan
-        if cfg.lm:
-            cost = reprojection_cost(points, gradients, self.projection, rays, weights, None, cfg.lm_cap_px)
+        if cfg.solver.lm:
+            cost = reprojection_cost(points, gradients, self.projection, rays, weights, None, cfg.solver.lm_cap_px)
             if self._lm_prev is not None:
                 c0, cp, T_prev = self._lm_prev
                 rho = (c0 - cost) / max(c0 - cp, 1e-6 * c0, 1e-12)
                 if rho < 0:
-                    self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 4.0)
+                    self.lm_lambda = min(cfg.solver.lm_max, self.lm_lambda * 4.0)
                     self._lm_prev = None
                     self.T = T_prev.clone()
                     return None, (f"step rejected (re-projection cost {c0:.3f} -> {cost:.3f} px^2): back "
                                   f"to the previous estimate, damping x{self.lm_lambda:.3g}"), cost
                 if rho < 0.25:
-                    self.lm_lambda = min(cfg.lm_max, self.lm_lambda * 2.0)
+                    self.lm_lambda = min(cfg.solver.lm_max, self.lm_lambda * 2.0)
                 elif rho > 0.75:
-                    self.lm_lambda = max(cfg.lm_min, self.lm_lambda / 3.0)
+                    self.lm_lambda = max(cfg.solver.lm_min, self.lm_lambda / 3.0)
         # RANSAC seeded by the update's place in its attempt: every attempt from the initial estimate draws as a
         # registration that starts there would (a learned pipeline's classic fallback is exactly the classic one)
-        return RobustSolver(damping=self.damping, out_of_plane=cfg.out_of_plane_damping * ratio ** 4,
-                            out_of_plane_min=cfg.out_of_plane_min, out_of_plane_noise_px=cfg.out_of_plane_noise_px,
-                            lm=self.lm_lambda if cfg.lm else 1.0, ransac_hypotheses=cfg.ransac_hypotheses,
-                            ransac_sample=cfg.ransac_sample, ransac_threshold_px=cfg.ransac_threshold_px,
-                            robust_iterations=cfg.robust_iterations,
+        return RobustSolver(damping=self.damping, out_of_plane=sv.out_of_plane_damping * ratio ** 4,
+                            out_of_plane_min=sv.out_of_plane_min, out_of_plane_noise_px=sv.out_of_plane_noise_px,
+                            lm=self.lm_lambda if sv.lm else 1.0, ransac_hypotheses=sv.ransac_hypotheses,
+                            ransac_sample=sv.ransac_sample, ransac_threshold_px=sv.ransac_threshold_px,
+                            robust_iterations=sv.robust_iterations,
                             seed=cfg.seed * 7919 + self.ppc_iterations), "", cost
 
     # ------------------------------------------------------------------ loop

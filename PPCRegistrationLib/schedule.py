@@ -36,7 +36,7 @@ class PPCPhase:
             the last phase of an attempt the refinement); ``config.method`` names the operator in the history.
         matcher: the 2D matching step (:class:`~PPCRegistrationLib.matchers.ClassicMatcher`, a learned one).
         max_updates: a phase that is not its attempt's last ends after this many updates (0 = no own limit; every
-            phase counts against ``config.max_iterations``).
+            phase counts against ``config.guards.max_iterations``).
         switch_mm: ... or after an update that moved the targets less than this (mm; 0 = never).
 
     A phase that is not the last also ends after a failed update (converged, rank deficient, diverged: the estimate
@@ -68,7 +68,7 @@ class Attempt:
     """One attempt from the initial estimate: the stages it runs, in order.
 
     Attributes:
-        phases: the PPC phases (at least one); the refinement follows the last (its ``config.refine_iterations``).
+        phases: the PPC phases (at least one); the refinement follows the last (its ``config.refine.iterations``).
         prealign: the 2D pre-alignment before the first update (when the first phase's ``coarse_search_px`` > 0).
         patience: the PPC updates stop, and revert to their best estimate, after ``retry_patience`` updates without a
             gain of image similarity (instead of ``patience``).
@@ -100,7 +100,7 @@ class Attempt:
     @property
     def refines(self) -> bool:
         """Whether the attempt ends with the intensity refinement."""
-        return int(self.phases[-1].config.refine_iterations) > 0
+        return int(self.phases[-1].config.refine.iterations) > 0
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,10 @@ class Schedule:
         """One line per attempt: its stages (for logs and ``ppcreg methods``)."""
         lines = []
         for k, a in enumerate(self.attempts, 1):
-            stages = (["2D pre-alignment"] if a.prealign and a.phases[0].config.coarse_search_px > 0 else [])
+            stages = (["2D pre-alignment"] if a.prealign and a.phases[0].config.prealign.search_px > 0 else [])
             for p in a.phases:
                 limit = f" (at most {p.max_updates})" if p.max_updates and p is not a.phases[-1] else ""
-                stages.append(f"{p.name} PPC updates, {p.config.solver} solve{limit}")
+                stages.append(f"{p.name} PPC updates, {p.config.solver.kind} solve{limit}")
             if a.refines:
                 stages.append("intensity refinement" + (" (+ thorough pass when poor)" if a.thorough else ""))
             if a.patience:
@@ -140,14 +140,14 @@ class Schedule:
 def single_schedule(config: RegistrationConfig, matcher: Matcher | None = None) -> Schedule:
     """The schedule of one operator (classic PPC, or a learned operator alone): one phase; when it refines, a
     retry without the 2D pre-alignment that stops on a falling similarity, then the tilted restarts of
-    ``config.restart_tilt_deg`` (docs/design.md §4.4)."""
+    ``config.restart.tilt_deg`` (docs/design.md §4.4)."""
     phase = PPCPhase(config, matcher or ClassicMatcher())
     first = Attempt((phase,), prealign=True, thorough=True)
     if not first.refines:
         return Schedule(config.method, (first,))
     retry = Attempt((phase,), prealign=False, patience=True, thorough=False,
                     description="without the 2D pre-alignment")
-    a = float(config.restart_tilt_deg)
+    a = float(config.restart.tilt_deg)
     tilts = [Attempt((phase,), prealign=True, thorough=False, tilt_deg=t,
                      description=f"from the initial estimate tilted {t[0] + t[1]:+g} degrees about the detector's "
                                  f"{'u' if t[0] else 'v'} axis")

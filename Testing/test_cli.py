@@ -319,7 +319,7 @@ def test_register_chained_method_with_a_model_file(capsys, lumbar_case, untraine
     assert "iteration   2  classic" in out
     res = formats.load_result(tmp_path / "reg" / "result.json")
     assert res.method == "ppc-flow-attention+classic" and res.config["model"] == str(model)
-    assert res.config["registration"]["flow_flips"] == 2
+    assert res.config["registration"]["learned"]["flow_flips"] == 2
     ops = res.config["operators"]
     n_ppc = len(ops) - ops.count("refine")
     assert ops[:n_ppc] == ["ppc-flow-attention"] + ["classic"] * (n_ppc - 1) and ops.count("refine") in (0, 3)
@@ -363,7 +363,7 @@ def test_register_without_the_refinement(capsys, lumbar_case, tmp_path):
     assert code == 0, err
     res = formats.load_result(tmp_path / "reg" / "result.json")
     assert res.config["operators"] == ["classic"] * len(res.history) and 1 <= len(res.history) <= 3
-    assert res.config["registration"]["refine_iterations"] == 0 and "refine" not in out
+    assert res.config["registration"]["refine"]["iterations"] == 0 and "refine" not in out
     code, out, err = run(capsys, *_register_args(lumbar_case, tmp_path / "r2"), "--refine-iterations", "-1")
     assert code == 2 and "--refine-iterations must be 0 or more" in err and "Traceback" not in err
 

@@ -44,10 +44,11 @@ def lumbar(lumbar_l3):
     return ct, roi, renderer, surface, case
 
 
-def _run(lumbar, method: methods.Method, **cfg):
+def _run(lumbar, method: methods.Method, settings: dict | None = None):
     ct, roi, renderer, surface, case = lumbar
     reg = method.registration(ct, case.xray, case.projection, case.T_init, roi,
-                              RegistrationConfig(device="cpu", **cfg), T_gt=case.T_gt, surface=surface,
+                              RegistrationConfig(device="cpu").updated(settings or {}), T_gt=case.T_gt,
+                              surface=surface,
                               renderer=renderer)
     return reg, reg.run()
 
@@ -89,9 +90,9 @@ def test_untrained_model_loads_and_corrupt_or_wrong_one_fails(models_dir, tmp_pa
     assert isinstance(m.operator, LearnedOperator) and m.operator.method == "ppc-flow-attention"
     assert m.model_path == models_dir / "ppc-flow-attention.pt" and m.model_meta["note"].startswith("untrained")
     assert isinstance(m.matcher(), LearnedMatcher)
-    cfg = m.config(RegistrationConfig(max_iterations=7))
-    assert (cfg.method, cfg.solver, cfg.coarse_search_px, cfg.max_iterations) == ("ppc-flow-attention", "plain",
-                                                                                  0.0, 7)
+    cfg = m.config(RegistrationConfig().updated({"guards.max_iterations": 7}))
+    got = (cfg.method, cfg.solver.kind, cfg.prealign.search_px, cfg.guards.max_iterations)
+    assert got == ("ppc-flow-attention", "plain", 0.0, 7)
     assert methods.resolve_method("classic").operator is None
     # the learned search range is the operator's reach (+-32 network pixels of 380/256 mm) on the detector
     assert methods.learned_search_px(m.operator, 380 / 256) == pytest.approx(32.0)
@@ -117,7 +118,7 @@ def test_untrained_model_loads_and_corrupt_or_wrong_one_fails(models_dir, tmp_pa
 def test_every_method_runs_a_few_updates(lumbar, models_dir):
     for name in methods.ALL_METHODS:
         m = methods.resolve_method(name, models_dir=models_dir)
-        reg, res = _run(lumbar, m, max_iterations=2, tolerance_mm=0.0, refine_iterations=0)
+        reg, res = _run(lumbar, m, {"guards.max_iterations": 2, "guards.tolerance_mm": 0.0, "refine.iterations": 0})
         assert 1 <= res.iterations <= 2, name
         assert res.history[0].operator == (methods.learned_part(name) or "classic"), name
         assert torch.isfinite(res.T).all(), name
@@ -129,19 +130,20 @@ def test_chain_switches_from_learned_to_classic_after_k_updates(lumbar, models_d
     seen = []
     ct, roi, renderer, surface, case = lumbar
     reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
-                         RegistrationConfig(device="cpu", max_iterations=4, tolerance_mm=0.0, refine_iterations=3),
+                         RegistrationConfig(device="cpu").updated(
+                             {"guards.max_iterations": 4, "guards.tolerance_mm": 0.0, "refine.iterations": 3}),
                          T_gt=case.T_gt, surface=surface, renderer=renderer)
     assert reg.schedule.name == "ppc-flow-attention+classic" and len(reg.schedule.attempts) == 7
     assert reg.phase.name == "ppc-flow-attention" and reg.phase.max_updates == 2
     res = reg.run(callback=seen.append)
     # the learned phase never refines; the classic phase ends with one intensity refinement update per scale
-    n_refine = len(RegistrationConfig().refine_sigmas_px)
+    n_refine = len(RegistrationConfig().refine.sigmas_px)
     assert [st.operator for st in res.history] == ["ppc-flow-attention"] * 2 + ["classic"] * 2 + ["refine"] * n_refine
     assert len(seen) == res.iterations == 4 + n_refine and res.status == "max_iterations"
-    assert reg.phase.name == "classic" and reg.config.solver == "robust" and reg.attempt == 1
+    assert reg.phase.name == "classic" and reg.config.solver.kind == "robust" and reg.attempt == 1
     # reset goes back to the learned phase; step by step gives the same sequence
     reg.reset()
-    assert reg.phase.name == "ppc-flow-attention" and reg.iteration == 0 and reg.config.solver == "plain"
+    assert reg.phase.name == "ppc-flow-attention" and reg.iteration == 0 and reg.config.solver.kind == "plain"
     assert torch.equal(reg.T.cpu(), case.T_init.to(torch.float64))
     ops = [reg.step().operator for _ in range(3)]
     assert ops == ["ppc-flow-attention", "ppc-flow-attention", "classic"]
@@ -151,12 +153,12 @@ def test_chain_switches_early_after_a_small_learned_update(lumbar, models_dir):
     # the untrained operator predicts an almost zero flow: its first update is tiny (< 0.5 mm), so the pipeline
     # goes on with classic updates instead of stopping as converged
     m = methods.resolve_method("ppc-flow+classic", models_dir=models_dir)
-    reg, res = _run(lumbar, m, max_iterations=3, refine_iterations=0)
+    reg, res = _run(lumbar, m, {"guards.max_iterations": 3, "refine.iterations": 0})
     ops = [st.operator for st in res.history]
     assert ops[0] == "ppc-flow" and ops[1:] == ["classic"] * (len(ops) - 1) and len(ops) >= 2
     assert res.history[0].update_mm < methods.DEFAULT_SWITCH_MM
     # alone, the same operator stops after that update (converged or not, but never more than max_iterations)
-    solo, res2 = _run(lumbar, methods.resolve_method("ppc-flow", models_dir=models_dir), max_iterations=3)
+    solo, res2 = _run(lumbar, methods.resolve_method("ppc-flow", models_dir=models_dir), {"guards.max_iterations": 3})
     assert all(st.operator == "ppc-flow" for st in res2.history)
 
 
@@ -164,7 +166,8 @@ def test_stop_request_stops_a_chain(lumbar, models_dir):
     m = methods.resolve_method("flow+classic", models_dir=models_dir, learned_steps=1, switch_mm=0.0)
     ct, roi, renderer, surface, case = lumbar
     reg = m.registration(ct, case.xray, case.projection, case.T_init, roi,
-                         RegistrationConfig(device="cpu", max_iterations=10), surface=surface, renderer=renderer)
+                         RegistrationConfig(device="cpu").updated({"guards.max_iterations": 10}), surface=surface,
+                         renderer=renderer)
     res = reg.run(callback=lambda st: reg.stop() if st.iteration == 2 else None)
     assert res.status == "stopped" and res.iterations == 2
     assert [st.operator for st in res.history] == ["flow", "classic"]
@@ -173,9 +176,9 @@ def test_stop_request_stops_a_chain(lumbar, models_dir):
 def test_build_registration_and_plain_registration_error(lumbar, models_dir):
     ct, roi, renderer, surface, case = lumbar
     reg = methods.build_registration("ppc-flow", ct, case.xray, case.projection, case.T_init, roi,
-                                     RegistrationConfig(device="cpu", max_iterations=1),
+                                     RegistrationConfig(device="cpu").updated({"guards.max_iterations": 1}),
                                      model_path=models_dir / "ppc-flow.pt", surface=surface, renderer=renderer)
-    assert isinstance(reg.matcher, LearnedMatcher) and reg.config.solver == "plain"
+    assert isinstance(reg.matcher, LearnedMatcher) and reg.config.solver.kind == "plain"
     with pytest.raises(InputError, match="build_registration"):
         Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(method="ppc-flow"),
                      surface=surface, renderer=renderer)
@@ -249,7 +252,8 @@ def test_oracle_is_the_ceiling_of_one_update(lumbar, tmp_path):
     assert "| oracle |" in summary_markdown(result)
     case = make_case(renderer, surface.points.to(torch.float64), 0, (10.0, 10.0),
                      ViewSampler(detector_size_px=128), None)
-    reg = Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(max_iterations=1),
+    reg = Registration(ct, case.xray, case.projection, case.T_init, roi,
+                       RegistrationConfig().updated({"guards.max_iterations": 1}),
                        matcher=OracleMatcher(), surface=surface, renderer=renderer)
     with pytest.raises(InputError, match="ground-truth transform"):
         reg.step()
@@ -293,7 +297,8 @@ def test_classic_fallback_is_exactly_the_classic_registration(lumbar, models_dir
     CT); it keeps the best of all.
     Without the fallback only classic's retry follows."""
     ct, roi, renderer, surface, case = lumbar
-    cfg = RegistrationConfig(device="cpu", max_iterations=3, refine_iterations=2, retry_below_similarity=1.01)
+    cfg = RegistrationConfig(device="cpu").updated({"guards.max_iterations": 3, "refine.iterations": 2,
+                                                    "restart.below_similarity": 1.01})
 
     def run(method):
         reg = method.registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
@@ -329,13 +334,13 @@ def test_learned_operator_renders_the_window_it_was_trained_on(lumbar, tmp_path)
     m = methods.resolve_method("flow", model_path=tmp_path / "flow.pt")
     assert m.operator.window_px == 48 and methods.learned_window_px(m.operator, spacing) == 48
     assert methods.learned_window_px(m.operator, spacing / 2) == 96
-    reg, res = _run(lumbar, m, max_iterations=1)
-    assert reg.config.window_px == 48
+    reg, res = _run(lumbar, m, {"guards.max_iterations": 1})
+    assert reg.config.matching.window_px == 48
     rows, cols = torch.nonzero(res.history[0].drr).unbind(1)
     assert int(rows.max() - rows.min()) + 1 <= 48 and int(cols.max() - cols.min()) + 1 <= 48
     uv = case.projection.project(transform_points(case.T_init, surface.points)[None])[0].mean(0)
     assert abs(float(cols.float().mean()) - float(uv[0])) < 6 and abs(float(rows.float().mean()) - float(uv[1])) < 6
     old = methods.resolve_method("flow", operator=LearnedOperator("flow", network_pixel_mm=spacing))
-    assert old.operator.window_px is None and old.config(None, spacing).window_px == 0
+    assert old.operator.window_px is None and old.config(None, spacing).matching.window_px == 0
     with pytest.raises(InputError, match="window_px"):
-        RegistrationConfig(window_px=-1)
+        RegistrationConfig().updated({"matching.window_px": -1})

@@ -118,10 +118,10 @@ def test_refine_pose_bad_input(lumbar):
     far = translation_matrix(torch.tensor([0.0, 0.0, 5000.0], dtype=torch.float64)) @ case.T_gt
     with pytest.raises(InputError, match="detector"):
         refine_pose(renderer, case.xray, case.projection, far, pts)
-    with pytest.raises(InputError, match="refine_iterations"):
-        RegistrationConfig(refine_iterations=-1)
-    with pytest.raises(InputError, match="refine_sigmas_px"):
-        RegistrationConfig(refine_sigmas_px=(3.0, 0.0))
+    with pytest.raises(InputError, match="refinement.s iterations must be >= 0"):
+        RegistrationConfig().updated({"refine.iterations": -1})
+    with pytest.raises(InputError, match="sigmas_px positive scales"):
+        RegistrationConfig().updated({"refine.sigmas_px": (3.0, 0.0)})
 
 
 def test_classic_registration_ends_with_the_refinement(lumbar):
@@ -136,7 +136,7 @@ def test_classic_registration_ends_with_the_refinement(lumbar):
     res = reg.run()
     ops = [st.operator for st in res.history]
     n_ppc = len(ops) - ops.count(REFINE)
-    assert ops[n_ppc:] == [REFINE] * len(RegistrationConfig().refine_sigmas_px) and n_ppc == reg.ppc_iterations
+    assert ops[n_ppc:] == [REFINE] * len(RegistrationConfig().refine.sigmas_px) and n_ppc == reg.ppc_iterations
     assert res.status == "converged" or (res.status == "max_iterations" and reg.budget_spent)
     assert not reg.refining
     ppc_only = float(mtre(res.history[n_ppc - 1].T.to(torch.float64), case.T_gt, pts))
@@ -148,7 +148,8 @@ def test_classic_registration_ends_with_the_refinement(lumbar):
     reg.reset()
     assert not reg.refining and reg.iteration == 0 and torch.equal(reg.T, case.T_init)
     plain = Registration(ct, case.xray, case.projection, case.T_init, roi,
-                         RegistrationConfig(refine_iterations=0, max_iterations=5), T_gt=case.T_gt,
+                         RegistrationConfig().updated({"refine.iterations": 0, "guards.max_iterations": 5}),
+                         T_gt=case.T_gt,
                          surface=surface, renderer=renderer).run()
     assert all(st.operator != REFINE for st in plain.history) and plain.iterations <= 5
 
@@ -163,7 +164,7 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 91, (0, 20))
-    cfg = RegistrationConfig(retry_below_similarity=1.01, restart_tilt_deg=0.0)
+    cfg = RegistrationConfig().updated({"restart.below_similarity": 1.01, "restart.tilt_deg": 0.0})
     reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt,
                        surface=surface, renderer=renderer)
     res = reg.run()
@@ -174,7 +175,7 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
     thorough = [i for i, st in enumerate(res.history) if "refining the PPC result again" in st.message]
     assert len(thorough) == 1 and thorough[0] < res.history.index(restart[0])
     assert "kept the" in res.history[-1].message and "of 3" in res.history[-1].message
-    sims = [pose_similarity(renderer, case.xray, case.projection, T, pts, sigma_px=cfg.refine_sigmas_px[-1])
+    sims = [pose_similarity(renderer, case.xray, case.projection, T, pts, sigma_px=cfg.refine.sigmas_px[-1])
             for T in (res.T, case.T_init)]
     assert sims[0] >= sims[1]
     assert float(mtre(res.T, case.T_gt, pts)) < 1.0
@@ -218,7 +219,7 @@ def test_nothing_is_lost_on_a_garbage_xray(lumbar):
     ct, roi, renderer, surface = lumbar
     case = make_case(renderer, surface.points, 5, (5, 10))
     noise = torch.rand(case.xray.shape, generator=torch.Generator().manual_seed(0))
-    cfg = RegistrationConfig(max_iterations=6, refine_iterations=5)
+    cfg = RegistrationConfig().updated({"guards.max_iterations": 6, "refine.iterations": 5})
     res = Registration(ct, noise, case.projection, case.T_init, roi, cfg, surface=surface, renderer=renderer).run()
     assert torch.isfinite(res.T).all()
     s0 = pose_similarity(renderer, noise, case.projection, case.T_init, surface.points)
@@ -232,11 +233,11 @@ def test_refinement_in_small_pieces_for_the_gui(lumbar):
     ct, roi, renderer, surface = lumbar
     pts = surface.points.to(torch.float64)
     case = make_case(renderer, pts, 5, (0, 20))
-    cfg = RegistrationConfig(refine_iterations_per_update=4)
+    cfg = RegistrationConfig().updated({"refine.iterations_per_update": 4})
     reg = Registration(ct, case.xray, case.projection, case.T_init, roi, cfg, T_gt=case.T_gt, surface=surface,
                        renderer=renderer)
     res = reg.run()
     refine = [st for st in res.history if st.operator == REFINE]
-    assert len(refine) > len(cfg.refine_sigmas_px)  # several updates per scale
+    assert len(refine) > len(cfg.refine.sigmas_px)  # several updates per scale
     assert all(st.seconds < 10 for st in refine)
     assert float(mtre(res.T, case.T_gt, pts)) < 1.0

@@ -18,9 +18,9 @@ def lumbar(lumbar_l3):
     return lumbar_l3
 
 
-def _reg(lumbar, case, **cfg):
+def _reg(lumbar, case):
     ct, roi, renderer, surface = lumbar
-    return Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(**cfg),
+    return Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(),
                         T_gt=case.T_gt, surface=surface, renderer=renderer)
 
 
@@ -84,7 +84,8 @@ def test_garbage_xray_keeps_a_finite_estimate(lumbar):
     case = make_case(renderer, surface.points, 5, (5, 10))
     noise = torch.rand(case.xray.shape, generator=torch.Generator().manual_seed(0))
     ct, roi, _, _ = lumbar
-    reg = Registration(ct, noise, case.projection, case.T_init, roi, RegistrationConfig(max_iterations=15),
+    reg = Registration(ct, noise, case.projection, case.T_init, roi,
+                       RegistrationConfig().updated({"guards.max_iterations": 15}),
                        surface=surface, renderer=renderer)
     res = reg.run()
     assert torch.isfinite(res.T).all() and torch.isfinite(res.best_T).all()
@@ -112,7 +113,7 @@ def test_bad_input_gives_clear_errors(lumbar):
     with pytest.raises(InputError, match="learned"):
         Registration(ct, case.xray, case.projection, case.T_init, roi, RegistrationConfig(method="ppc_flow"), **kw)
     with pytest.raises(InputError, match="flow_flips must be 1, 2 or 4"):
-        RegistrationConfig(flow_flips=3)
+        RegistrationConfig().updated({"learned.flow_flips": 3})
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="cuda"):
             RegistrationConfig(device="cuda").resolved_device()

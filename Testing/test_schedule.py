@@ -3,7 +3,7 @@ registration walking a hand-made schedule on the real lumbar CT."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+
 
 import pytest
 import torch
@@ -18,16 +18,18 @@ from PPCRegistrationLib.simulation import ViewSampler, make_case
 
 
 def test_classic_schedule_is_six_attempts_of_one_phase():
-    s = methods.resolve_method("classic").schedule(RegistrationConfig(max_iterations=12))
+    s = methods.resolve_method("classic").schedule(RegistrationConfig().updated({"guards.max_iterations": 12}))
     assert s.name == "classic" and len(s.attempts) == 6
     first, retry, *tilted = s.attempts
     assert first.tilt_deg == retry.tilt_deg == (0.0, 0.0)
     assert [a.tilt_deg for a in tilted] == [(10.0, 0.0), (0.0, 10.0), (-10.0, 0.0), (0.0, -10.0)]
     assert all(a.prealign and not a.thorough and not a.patience and a.refines for a in tilted)
-    assert len(methods.resolve_method("classic").schedule(RegistrationConfig(restart_tilt_deg=0)).attempts) == 2
+    untilted = methods.resolve_method("classic").schedule(RegistrationConfig().updated({"restart.tilt_deg": 0}))
+    assert len(untilted.attempts) == 2
     assert first.prealign and first.thorough and not first.patience and first.refines
     assert not retry.prealign and retry.patience and not retry.thorough
-    assert [p.config.solver for p in first.phases] == ["robust"] and first.phases[0].config.max_iterations == 12
+    assert [p.config.solver.kind for p in first.phases] == ["robust"]
+    assert first.phases[0].config.guards.max_iterations == 12
     assert isinstance(first.phases[0].matcher, ClassicMatcher)
     lines = s.describe()
     assert lines[0].startswith("attempt 1: 2D pre-alignment -> classic PPC updates, robust solve -> intensity")
@@ -40,13 +42,13 @@ def test_learned_alone_and_chained_schedules():
     alone = methods.resolve_method("ppc-flow", operator=op).schedule(RegistrationConfig())
     assert len(alone.attempts) == 1 and not alone.attempts[0].refines
     (phase,) = alone.attempts[0].phases
-    assert phase.name == "ppc-flow" and phase.config.solver == "plain" and phase.config.coarse_search_px == 0
+    assert phase.name == "ppc-flow" and phase.config.solver.kind == "plain" and phase.config.prealign.search_px == 0
 
     chain = methods.resolve_method("ppc-flow+classic", operator=op, learned_steps=2, switch_mm=0.3).schedule()
     assert chain.name == "ppc-flow+classic" and len(chain.attempts) == 7
     learned, classic = chain.attempts[0].phases
     assert (learned.name, learned.max_updates, learned.switch_mm) == ("ppc-flow", 2, 0.3)
-    assert classic.name == "classic" and classic.config.solver == "robust"
+    assert classic.name == "classic" and classic.config.solver.kind == "robust"
     # the fallback attempts are the classic schedule's, described
     plain = methods.resolve_method("classic").schedule()
     for a, c in zip(chain.attempts[1:], plain.attempts):
@@ -65,9 +67,9 @@ def test_schedule_validation():
         PPCPhase(cfg, max_updates=-1)
     with pytest.raises(InputError, match="tilt_deg needs two angles"):
         Attempt((PPCPhase(cfg),), tilt_deg=(95.0, 0.0))
-    with pytest.raises(InputError, match="restart_tilt_deg"):
-        RegistrationConfig(restart_tilt_deg=-1)
-    assert len(single_schedule(replace(cfg, refine_iterations=0)).attempts) == 1
+    with pytest.raises(InputError, match="tilt_deg must be in"):
+        RegistrationConfig().updated({"restart.tilt_deg": -1})
+    assert len(single_schedule(cfg.updated({"refine.iterations": 0})).attempts) == 1
     phase = PPCPhase(cfg, max_updates=2, switch_mm=0.5)
     assert not phase.ends_after(1, 1.0) and phase.ends_after(2, 1.0) and phase.ends_after(1, 0.2)
 
@@ -77,13 +79,15 @@ def test_registration_walks_a_hand_made_schedule(lumbar_l3):
     phases in order, reset returns to the first, and a schedule with a config or matcher besides is refused."""
     ct, roi, renderer, surface = lumbar_l3
     case = make_case(renderer, surface.points, 0, (5, 10), ViewSampler(detector_size_px=128))
-    base = RegistrationConfig(device="cpu", max_iterations=5, tolerance_mm=0.0, refine_iterations=0)
-    plain = PPCPhase(replace(base, method="plain-classic", solver="plain", coarse_search_px=0.0), max_updates=2)
+    base = RegistrationConfig(device="cpu").updated({"guards.max_iterations": 5, "guards.tolerance_mm": 0.0,
+                                                     "refine.iterations": 0})
+    plain = PPCPhase(base.updated({"method": "plain-classic", "solver.kind": "plain", "prealign.search_px": 0.0}),
+                     max_updates=2)
     robust = PPCPhase(base)
     schedule = Schedule("two-phase", (Attempt((plain, robust)),))
     reg = Registration(ct, case.xray, case.projection, case.T_init, roi, T_gt=case.T_gt, surface=surface,
                        renderer=renderer, schedule=schedule)
-    assert reg.phase is plain and reg.config.solver == "plain"
+    assert reg.phase is plain and reg.config.solver.kind == "plain"
     res = reg.run()
     ops = [st.operator for st in res.history]
     assert ops[:2] == ["plain-classic"] * 2 and set(ops[2:]) == {"classic"} and len(ops) == 5

@@ -50,7 +50,8 @@ def test_mirror_averaged_flow_removes_the_bias_at_the_true_pose(lumbar_l3):
     targets = surface.points.double()
     out = {}
     for flips in (1, 4):
-        cfg = RegistrationConfig(max_iterations=1, refine_iterations=0, flow_flips=flips)
+        cfg = RegistrationConfig().updated({"guards.max_iterations": 1, "refine.iterations": 0,
+                                            "learned.flow_flips": flips})
         bias, moved = [], []
         for seed in range(4, 10):
             case = make_case(renderer, targets, seed, (0.0, 45.0), ViewSampler(detector_size_px=256))

@@ -313,15 +313,16 @@ def test_methods_offered_by_the_module():
                                  "ppc-flow+classic", "ppc-flow-attention+classic"}
     assert core.normalizeMethod("ppc_flow_attention") == "ppc-flow-attention"  # scenes saved by older versions
     cfg = core.makeConfig("ppc-flow", maxIterations=7, device="cpu")
-    assert (cfg.method, cfg.solver, cfg.coarse_search_px, cfg.max_iterations) == ("ppc-flow", "plain", 0.0, 7)
+    got = (cfg.method, cfg.solver.kind, cfg.prealign.search_px, cfg.guards.max_iterations)
+    assert got == ("ppc-flow", "plain", 0.0, 7)
     with pytest.raises(ValueError, match="unknown method"):
         core.makeConfig("magic")
     # the intensity refinement: on for classic by default, never in a learned phase, off on request
     from PPCRegistrationLib.registration import RegistrationConfig
 
-    assert core.makeConfig("classic").refine_iterations == RegistrationConfig().refine_iterations > 0
-    assert cfg.refine_iterations == 0
-    assert core.makeConfig("classic", intensityRefinement=False).refine_iterations == 0
+    assert core.makeConfig("classic").refine.iterations == RegistrationConfig().refine.iterations > 0
+    assert cfg.refine.iterations == 0
+    assert core.makeConfig("classic", intensityRefinement=False).refine.iterations == 0
 
 
 def test_learned_method_without_model_file_fails_clearly(lumbar_scenario, tmp_path):

@@ -532,10 +532,10 @@ def baseConfig(maxIterations: int = 30, toleranceMM: float = 0.05, device: str =
     """The library RegistrationConfig of the module's settings (before a method's overrides)."""
     from PPCRegistrationLib.registration import RegistrationConfig
 
-    return RegistrationConfig(max_iterations=int(maxIterations), tolerance_mm=float(toleranceMM),
-                              device=resolveDevice(device),
-                              refine_iterations=RegistrationConfig.refine_iterations if intensityRefinement else 0,
-                              refine_iterations_per_update=REFINE_ITERATIONS_PER_UPDATE)
+    return RegistrationConfig(device=resolveDevice(device)).updated({
+        "guards.max_iterations": int(maxIterations), "guards.tolerance_mm": float(toleranceMM),
+        "refine.iterations": RegistrationConfig().refine.iterations if intensityRefinement else 0,
+        "refine.iterations_per_update": REFINE_ITERATIONS_PER_UPDATE})
 
 
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
