@@ -14,7 +14,7 @@ import torch
 
 from .config import REFINE, IterationState
 from .errors import InputError
-from .geometry import crop_projection, invert_rigid, rotation_angle_deg, so3_exp, transform_points
+from .geometry import centred_update, crop_projection, invert_rigid, rotation_angle_deg, transform_points
 from .metrics import mtre as mtre_fn
 from .refine import make_refiner, pose_similarity
 
@@ -119,14 +119,11 @@ class RefineAndRestart:
         tilt = self.current_attempt.tilt_deg
         if not any(tilt):
             return self.T_init.clone()
-        R_wc = self.projection.world_from_camera[0, :3, :3].to(self.T_init)
-        w = self.T_init.new_tensor([math.radians(tilt[0]), math.radians(tilt[1]), 0.0])
-        R = R_wc @ so3_exp(w) @ R_wc.T
+        # the rotation vector about the camera's x (u) and y (v) axes, in world coordinates
+        w = self.projection.world_from_camera[0, :3, :3].to(self.T_init) @ self.T_init.new_tensor(
+            [math.radians(tilt[0]), math.radians(tilt[1]), 0.0])
         centre = transform_points(self.T_init, self.targets).mean(0)
-        P = torch.eye(4, dtype=self.T_init.dtype, device=self.T_init.device)
-        P[:3, :3] = R
-        P[:3, 3] = centre - R @ centre
-        return P @ self.T_init
+        return centred_update(torch.cat([w, torch.zeros_like(w)])[None], centre[None], self.T_init[None])[0]
 
     def _start_attempt(self) -> None:
         """Begin the schedule's next attempt from the initial estimate, in its first phase."""
@@ -164,8 +161,7 @@ class RefineAndRestart:
             self._start_attempt()
             what = self.current_attempt.description
             return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               "starting again " + (what if what.startswith("from ") else
-                                                     "from the initial estimate" + (f" {what}" if what else "")))
+                               "starting again " + (what or "from the initial estimate"))
         # the attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])

@@ -259,8 +259,8 @@ class Method:
         learned = PPCPhase(first, self.matcher(), max_updates=self.learned_steps, switch_mm=self.switch_mm)
         chain = Attempt((learned, classic.attempts[0].phases[0]), prealign=False, thorough=True)
         fallback = [replace(a, description=d) for a, d in zip(classic.attempts, (
-            "with the classic registration (2D pre-alignment and classic PPC updates)",
-            "with classic PPC updates without the 2D pre-alignment"))] + list(classic.attempts[2:])
+            "from the initial estimate with the classic registration (2D pre-alignment and classic PPC updates)",
+            "from the initial estimate with classic PPC updates without the 2D pre-alignment"))] + list(classic.attempts[2:])
         return Schedule(self.name, (chain, *(fallback if self.classic_fallback else fallback[1:2])))
 
     def registration(self, ct, xray, projection, T_init, roi=None, config: RegistrationConfig | None = None, *,

@@ -215,8 +215,8 @@ class Registration(RefineAndRestart):
     # ------------------------------------------------------------------ one update
     @property
     def refine_enabled(self) -> bool:
-        """Whether this registration ends with the intensity refinement (``config.refine.iterations > 0``)."""
-        return int(self.config.refine.iterations) > 0
+        """Whether this registration ends with the intensity refinement (``config.refine.enabled``)."""
+        return self.config.refine.enabled
 
     @property
     def ppc_iterations(self) -> int:
@@ -267,7 +267,7 @@ class Registration(RefineAndRestart):
         """One PPC update of the operator from the current estimate; returns what it did."""
         t0 = time.perf_counter()
         cfg = self.config
-        if self.ppc_iterations == 0 and self.current_attempt.prealign and cfg.prealign.search_px > 0:
+        if self.ppc_iterations == 0 and self.current_attempt.prealigns:
             self.T = self._coarse_align(self.T)
         T = self.T
         P0, G0 = self.surface.points, self.surface.gradients

@@ -77,7 +77,8 @@ class Attempt:
         tilt_deg: the attempt starts from the initial estimate rotated by these angles (degrees) about the detector's
             u and v axes (camera x and y) through the region of interest's centre (a multi-start over the out-of-plane
             rotations a single view sees worst); ``(0, 0)`` = the initial estimate itself.
-        description: what the attempt is, for the history's messages ("without the 2D pre-alignment").
+        description: where the attempt starts and how, for the history's messages ("from the initial estimate without
+            the 2D pre-alignment"; empty: from the initial estimate).
     """
 
     phases: tuple[PPCPhase, ...]
@@ -98,9 +99,14 @@ class Attempt:
         object.__setattr__(self, "tilt_deg", tilt)
 
     @property
+    def prealigns(self) -> bool:
+        """Whether the attempt starts with the 2D pre-alignment (asked for, and on in its first phase)."""
+        return self.prealign and self.phases[0].config.prealign.search_px > 0
+
+    @property
     def refines(self) -> bool:
-        """Whether the attempt ends with the intensity refinement."""
-        return int(self.phases[-1].config.refine.iterations) > 0
+        """Whether the attempt ends with the intensity refinement (its last phase's ``refine.enabled``)."""
+        return self.phases[-1].config.refine.enabled
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ class Schedule:
         """One line per attempt: its stages (for logs and ``ppcreg methods``)."""
         lines = []
         for k, a in enumerate(self.attempts, 1):
-            stages = (["2D pre-alignment"] if a.prealign and a.phases[0].config.prealign.search_px > 0 else [])
+            stages = ["2D pre-alignment"] if a.prealigns else []
             for p in a.phases:
                 limit = f" (at most {p.max_updates})" if p.max_updates and p is not a.phases[-1] else ""
                 stages.append(f"{p.name} PPC updates, {p.config.solver.kind} solve{limit}")
@@ -146,7 +152,7 @@ def single_schedule(config: RegistrationConfig, matcher: Matcher | None = None) 
     if not first.refines:
         return Schedule(config.method, (first,))
     retry = Attempt((phase,), prealign=False, patience=True, thorough=False,
-                    description="without the 2D pre-alignment")
+                    description="from the initial estimate without the 2D pre-alignment")
     a = float(config.restart.tilt_deg)
     tilts = [Attempt((phase,), prealign=True, thorough=False, tilt_deg=t,
                      description=f"from the initial estimate tilted {t[0] + t[1]:+g} degrees about the detector's "
