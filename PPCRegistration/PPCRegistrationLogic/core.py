@@ -756,11 +756,15 @@ class PPCRegistrationCoreLogic:
 
     def step(self):
         """One update; writes the outputs; returns the library's IterationState."""
-        reg = self._requireRegistration()
-        state = reg.step()
-        self.updateOutputs(state)
-        setTransformMatrix(self.transformNode, reg.T)  # the library's estimate (reverted on divergence)
+        state = self._requireRegistration().step()
+        self.applyState(state)
         return state
+
+    def applyState(self, state) -> None:
+        """Show the result of one library update (``registration.step()``, which may run in a worker thread)
+        in the output nodes; call it on the thread that owns the scene."""
+        self.updateOutputs(state)
+        setTransformMatrix(self.transformNode, self.registration.T)  # the library's estimate (reverted on divergence)
 
     def run(self, callback: Callable[[Any], None] | None = None, shouldStop: Callable[[], bool] | None = None):
         """Iterate until convergence, the iteration limit, or :meth:`stop`; outputs are updated every update."""

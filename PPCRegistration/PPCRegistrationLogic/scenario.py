@@ -87,17 +87,29 @@ def surfaceTargets(labelNode, labelId: int, maxPoints: int = 2000, seed: int = 0
     return torch.from_numpy(ras[:, :3].copy())
 
 
-def buildScenario(scene, ctPath: str, labelsPath: str, labelId: int, *, initialMTREMM: float = 10.0,
-                  seed: int = 0, primaryDeg: float = 20.0, secondaryDeg: float = 5.0, sddMM: float = 1200.0,
-                  sidMM: float = 750.0, detectorPixels: int = 192, pixelSpacingMM: float = 1.5,
-                  groundTruthRotationDeg: float = 4.0, groundTruthShiftMM=(6.0, -4.0, 3.0)) -> Scenario:
-    """Load the data and simulate the X-ray; see the module docstring."""
+def buildScenario(scene, ctPath: str, labelsPath: str, labelId: int, **kwargs) -> Scenario:
+    """Load the CT and its label map into ``scene`` and simulate a case (:func:`simulateCase`, same keywords)."""
+    ctNode = loadVolume(scene, ctPath, "CT")
+    labelNode = loadVolume(scene, labelsPath, "CT labels", labelmap=True)
+    return simulateCase(scene, ctNode, labelNode, labelId, **kwargs)
+
+
+def simulateCase(scene, ctNode, labelNode, labelId: int, *, initialMTREMM: float = 10.0,
+                 seed: int = 0, primaryDeg: float = 20.0, secondaryDeg: float = 5.0, sddMM: float = 1200.0,
+                 sidMM: float = 750.0, detectorPixels: int = 192, pixelSpacingMM: float = 1.5,
+                 groundTruthRotationDeg: float = 4.0, groundTruthShiftMM=(6.0, -4.0, 3.0),
+                 xrayName: str = "Simulated X-ray") -> Scenario:
+    """Simulate an X-ray of the CT node moved by a known ``T_gt`` (a rotation of ``groundTruthRotationDeg``
+    about the vertebra's centre plus ``groundTruthShiftMM``) for a C-arm at ``primaryDeg``/``secondaryDeg``
+    (LAO+/CRA+, degrees) aimed at the vertebra, and an initial estimate ``initialMTREMM`` (mm) from it.
+
+    Adds to ``scene``: the X-ray (single-slice volume on the detector plane, ``detectorPixels`` square pixels
+    of ``pixelSpacingMM`` mm), the "Ground truth" and "Initial transform" nodes.  The CT and label nodes are
+    read, never modified."""
     from PPCRegistrationLib.drr import DRRRenderer
     from PPCRegistrationLib.geometry import se3_exp
     from PPCRegistrationLib.simulation import random_initial_transform, simulate_xray
 
-    ctNode = loadVolume(scene, ctPath, "CT")
-    labelNode = loadVolume(scene, labelsPath, "CT labels", labelmap=True)
     targets = surfaceTargets(labelNode, labelId, seed=seed)
     centre = targets.mean(0)
 
@@ -117,7 +129,7 @@ def buildScenario(scene, ctPath: str, labelsPath: str, labelId: int, *, initialM
     xray = simulate_xray(DRRRenderer(ct), projection, T_gt, seed=seed).numpy()
     T_init = random_initial_transform(T_gt, targets, initialMTREMM, torch.Generator().manual_seed(seed + 1))
 
-    xrayNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Simulated X-ray")
+    xrayNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", xrayName)
     core._setVolumeArray(xrayNode, xray[None])
     core.setIJKToRAS(xrayNode, core.xrayIJKToRAS(projection))
     xrayNode.SetAttribute(core.ATTR_SDD, f"{sddMM:.6g}")
