@@ -105,6 +105,7 @@ class PPCRegistrationApp:
             server.trigger(f"ppcreg_{name}")(getattr(self, name))
         self.ctrl.on_server_ready.add(self._on_ready)
         s.change("opacity")(self._on_opacity)
+        s.change("vertebra")(self._on_vertebra)
         s.change(*POSE_KEYS)(self._on_pose)
         from .page import build_page
 
@@ -240,8 +241,6 @@ class PPCRegistrationApp:
 
     async def simulate(self) -> None:
         s = self.state
-        if s.vertebra and self.workflow is not None and s.vertebra != self.workflow.vertebra:
-            await self._guarded("Choosing the vertebra ...", self.workflow.setVertebra, s.vertebra)
         done = await self._guarded("Simulating the X-ray ...", self.workflow.simulate, float(s.sim_mtre),
                                    float(s.sim_primary), float(s.sim_secondary), int(s.sim_seed))
         if done is not None:
@@ -282,6 +281,19 @@ class PPCRegistrationApp:
             return
         if wf.session.transformNode is not None:
             self._status_initial()
+
+    def _on_vertebra(self, vertebra, **_) -> None:
+        """A vertebra chosen in the page is the region of interest from the next Step or Run."""
+        from PPCRegistrationLogic.workflow import WorkflowError
+
+        wf = self.workflow
+        if wf is None or not vertebra or vertebra == wf.vertebra or self.state.running:
+            return
+        try:
+            wf.setVertebra(vertebra)
+            self.state.info = f"Region of interest: {vertebra}."
+        except WorkflowError as exc:
+            self.state.error = str(exc)
 
     def _on_opacity(self, opacity, **_) -> None:
         if self.workflow is not None and self.workflow.session.drrNode is not None:

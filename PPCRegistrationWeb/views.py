@@ -26,13 +26,10 @@ def register_layout(layout_manager) -> None:
 
 
 def _views(slicer_app):
-    red = threeD = None
-    for view in slicer_app.view_manager.get_views():
-        tag = view.get_singleton_tag() if hasattr(view, "get_singleton_tag") else ""
-        if tag == XRAY_VIEW:
-            red = view
-        elif red is not view and "threed" in type(view).__name__.lower():
-            threeD = view
+    """(the X-ray view: slice view "Red", the first 3D view) of the app's view manager (None where absent)."""
+    manager = slicer_app.view_manager
+    red = next((v for v in manager.get_slice_views() if v.get_singleton_tag() == XRAY_VIEW), None)
+    threeD = next(iter(manager.get_threed_views()), None)
     return red, threeD
 
 
@@ -132,19 +129,9 @@ class SceneViews:
         """Both views side by side in one PNG."""
         import vtk
 
-        images = []
-        for view in (self.red, self.threeD):
-            if view is None:
-                continue
-            window = view.render_window()
-            window.Render()
-            grab = vtk.vtkWindowToImageFilter()
-            grab.SetInput(window)
-            grab.ReadFrontBufferOff()
-            grab.Update()
-            image = vtk.vtkImageData()
-            image.DeepCopy(grab.GetOutput())
-            images.append(image)
+        from PPCRegistrationLogic.render import grabRenderWindow
+
+        images = [grabRenderWindow(view.render_window()) for view in (self.red, self.threeD) if view is not None]
         append = vtk.vtkImageAppend()
         append.SetAppendAxis(0)
         pad = []

@@ -252,7 +252,13 @@ def test_bad_uploads_give_a_message_and_keep_the_case(page, tmp_path):
     page.screenshot(path=str(OUT / "page_bad_upload.png"))
 
 
-def test_a_second_tab_gets_a_busy_page(page, server, browser):
+def _work_dirs() -> set[Path]:
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("ppcreg-app-*"))
+
+
+def test_a_second_tab_gets_a_busy_page_then_the_session_when_the_first_closes(page, server, browser):
     other = browser.new_context(viewport={"width": 1000, "height": 700})
     tab = other.new_page()
     tab.goto(server)
@@ -261,6 +267,18 @@ def test_a_second_tab_gets_a_busy_page(page, server, browser):
     assert tab.locator("#controls").count() == 0
     assert "in use" in tab.inner_text("#busy-page")
     tab.screenshot(path=str(OUT / "second_tab_busy.png"))
-    other.close()
-    # the first tab still owns its session
+    # the first tab still owns its session, with its uploads folder
     assert page.locator("#controls").count() == 1 and "sample chest CT" in _text(page, "#ct-desc")
+    first = _work_dirs()
+    assert first, "the session has no private uploads folder"
+    # the first tab closes: its session ends (uploads deleted, scene cleared) and the waiting tab gets a new one
+    page.context.close()
+    tab.wait_for_selector("#controls", timeout=30_000)
+    assert _text(tab, "#ct-desc") == "CT: none"
+    assert not (first & _work_dirs()), "the closed session's uploads folder was not deleted"
+    assert _work_dirs(), "the new session has no uploads folder"
+    tab.click("#load-sample")  # the cleared scene works for the new session
+    _wait_text(tab, "#ct-desc", "t.includes('sample chest CT')")
+    tab.click("#simulate")
+    _wait_text(tab, "#status-mtre", "t === '10.00 mm'")
+    other.close()

@@ -10,24 +10,16 @@ registration (``*_after.png``: the last PPC update's points and vectors):
 * ``slice_*.png``: the Red slice view turned onto the detector plane, the X-ray as background and the DRR as
   foreground (opacity 0.5), the contour points and flow vectors (model nodes) coloured by their ``weight`` point
   scalars, with a colour legend;
-* ``3d_*.png``: the 3D view: the CT volume-rendered (GPU ray casting, preset CT-Bones) under the registration
-  transform, the C-arm model, the Red slice (X-ray + DRR) on the detector, the 2D and 3D contour points.
+* ``3d_*.png``: the 3D view: the CT's bone surface under the registration transform, the C-arm model, the Red
+  slice (X-ray + DRR) on the detector, the 2D and 3D contour points.
 
 The module's own display settings are used (the DRR in Slicer's Red colour table, windowed on its rendered
 pixels, its zeros transparent; points and vectors 3 px thick in slice views); ``--cyan`` also gives the X-ray
 the Cyan colour table, so that the blend is grey where X-ray and DRR agree and red/cyan where they do not.
 
-Needs a separate virtual environment (the project's ``.venv`` has no trame-slicer)::
+Runs in the project's ``.venv`` (``bash scripts/app.sh`` or ``bash scripts/test.sh`` installs trame-slicer)::
 
-    python3 -m venv /tmp/tsvenv
-    /tmp/tsvenv/bin/pip install torch==2.13.0
-    /tmp/tsvenv/bin/pip install -r requirements-test.txt      # slicer-core 5.13.31053.0, vtk 9.6.2
-    /tmp/tsvenv/bin/pip install trame-slicer==2.0.0
-    # trame-slicer imports slicer-layer-dm, which only its 'standalone' extra pulls (with slicer-core<5.12);
-    # slicer-layer-dm 2.0.0 declares slicer-core==5.11.0.*, but its wheel loads and works with 5.13:
-    /tmp/tsvenv/bin/pip install --no-deps slicer-layer-dm==2.0.0
-
-    OMP_NUM_THREADS=1 /tmp/tsvenv/bin/python scripts/slicer_views_trame.py [OUT_DIR] [--cyan]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/slicer_views_trame.py [OUT_DIR] [--cyan]
 
 OUT_DIR defaults to output/trame_screenshots.  The CT: ``$PPCREG_SHARED_DATA/lumbar_ct`` (default
 ``../shared/data`` next to the project root).  About 40 s on a 2-core CPU.
@@ -64,8 +56,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    import numpy as np
-    import slicer
     import torch
     from trame_slicer.core import SlicerApp
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
@@ -99,28 +89,12 @@ def main() -> None:
     logic.setup(sc.ctNode, sc.xrayNode, None, initialTransformNode=sc.initialTransformNode, labelmapNode=sc.labelNode,
                 labelIds=[L3], groundTruthTransformNode=sc.groundTruthTransformNode, maxIterations=30, device="cpu")
 
-    # what the module's "Show X-ray view" does: X-ray + DRR in Red, turned onto the detector, slice shown in 3D,
-    # a colour legend for the weights
-    sliceNode = red.get_view_node()
-    logic.showResults(0.5, sliceNode)
-    sliceNode.SetSliceVisible(True)
-    scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())  # SlicerApp does not register it
-    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(logic.contour2DNode)
-    legend.SetTitleText("weight")
-    legend.SetViewNodeIDs([sliceNode.GetID()])
-    # the 3D view: the CT volume-rendered, out of the slice view (as are its labels)
-    vr = app.volume_rendering.create_display_node(sc.ctNode, "CT-Bones")
-    vr.SetViewNodeIDs([threeD.get_view_node_id()])
-    sc.ctNode.GetDisplayNode().SetVisibility(False)
+    # what the module's "Show X-ray view" does, as the browser app shows it (PPCRegistrationWeb.views): X-ray +
+    # DRR in Red turned onto the detector with a weight legend, the CT's bone surface and the C-arm in 3D
+    from PPCRegistrationWeb.views import SceneViews
+
+    SceneViews(app).show_session(logic, 0.5)
     sc.labelNode.GetDisplayNode().SetVisibility(False)
-    src, det = logic.projection.source[0].numpy(), core.sliceToRASForXray(logic.projection)[:3, 3]
-    beam, mid = (det - src) / np.linalg.norm(det - src), (src + det) / 2
-    side = np.cross(beam, [0.0, 0.0, 1.0])
-    camera = threeD.get_camera_node()  # from the side of the beam, from above, a little from the source
-    camera.SetFocalPoint(*mid)
-    camera.SetPosition(*(mid + 1500.0 * side / np.linalg.norm(side) + [0.0, 0.0, 500.0] - 900.0 * beam))
-    camera.SetViewUp(0.0, 0.0, 1.0)
-    camera.ResetClippingRange()
 
     if args.cyan:
         logic.xrayDisplayNode.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeCyan")

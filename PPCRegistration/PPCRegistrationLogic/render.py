@@ -119,18 +119,26 @@ def _text(text: str, size: int = 16) -> vtk.vtkTextActor:
     return actor
 
 
-def saveRenderWindow(window, path) -> vtk.vtkImageData:
-    """Render ``window`` (off-screen or not) and write what it shows to the PNG file ``path``; returns the image."""
+def grabRenderWindow(window) -> vtk.vtkImageData:
+    """Render ``window`` (off-screen or not) and return a copy of what it shows (RGB)."""
     window.Render()
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
     grab.ReadFrontBufferOff()
     grab.Update()
+    image = vtk.vtkImageData()
+    image.DeepCopy(grab.GetOutput())
+    return image
+
+
+def saveRenderWindow(window, path) -> vtk.vtkImageData:
+    """Render ``window`` (off-screen or not) and write what it shows to the PNG file ``path``; returns the image."""
+    image = grabRenderWindow(window)
     writer = vtk.vtkPNGWriter()
     writer.SetFileName(str(path))
-    writer.SetInputConnection(grab.GetOutputPort())
+    writer.SetInputData(image)
     writer.Write()
-    return grab.GetOutput()
+    return image
 
 
 def _renderToFile(renderer: vtk.vtkRenderer, path: str, size=(800, 800)) -> np.ndarray:
