@@ -98,7 +98,7 @@ def build_page(app):
                 html.Div("Download", classes="text-subtitle-1")
                 with html.Div(classes="d-flex ga-1 flex-wrap"):
                     v.VBtn("transform.json", size="small", id="dl-json", disabled=("!has_result",),
-                           click=(f"utils.download('transform.json', trigger('ppcreg_download', ['json']), "
+                           click=("utils.download('transform.json', trigger('ppcreg_download', ['json']), "
                                   "'application/json')"))
                     v.VBtn("transform.h5", size="small", id="dl-h5", disabled=("!has_result",),
                            click=("utils.download('transform.h5', trigger('ppcreg_download', ['h5']), "
