@@ -41,7 +41,17 @@ def test_sample_case_from_loading_to_the_exported_transform(wf, chest_ct_paths, 
     assert np.allclose(T @ np.linalg.inv(T0) @ [*centre, 1.0], [*centre, 1.0])  # the centre stays
     with pytest.raises(WorkflowError, match="numbers"):
         wf.setOffsets([0, 0, float("nan"), 0, 0, 0])
+    # a pose moved by hand (the 3D view's handles) becomes the initial pose, through the same six offsets
+    from PPCRegistrationLib.geometry import se3_exp
+    import torch
+
+    moved = se3_exp(torch.tensor([0.05, -0.02, 0.1, 3.0, -7.0, 2.0], dtype=torch.float64)).numpy() @ T0
+    offsets = wf.setInitialPose(moved)
+    assert np.allclose(wf.initialPose(), moved, atol=1e-9) and np.allclose(wf.offsets, offsets)
+    with pytest.raises(WorkflowError):
+        wf.setInitialPose(np.diag([1.0, 1.0, -1.0, 1.0]))  # a mirror is not a pose
     wf.setOffsets(np.zeros(6))
+    assert np.allclose(wf.initialPose(), T0)
     reg = wf.start("classic", "cpu")
     for _ in range(3):
         wf.session.step()

@@ -88,6 +88,17 @@ def offsetTransform(offsets, centre) -> np.ndarray:
     return T
 
 
+def offsetsFromTransform(T, centre) -> np.ndarray:
+    """The inverse of :func:`offsetTransform`: the six offsets (degrees, mm) of a rigid ``T (4, 4)`` about
+    ``centre``."""
+    from PPCRegistrationLib.geometry import so3_log
+
+    T = np.asarray(T, dtype=np.float64)
+    c = np.asarray(centre, dtype=np.float64).reshape(3)
+    rotvec = so3_log(torch.from_numpy(np.ascontiguousarray(T[:3, :3]))).numpy().reshape(3)
+    return np.concatenate([np.rad2deg(rotvec), T[:3, 3] - c + T[:3, :3] @ c])
+
+
 @dataclasses.dataclass
 class Case:
     """The X-ray side of a case: its node, geometry and (simulated cases) ground truth."""
@@ -306,9 +317,26 @@ class Workflow:
         return T
 
     def initialPose(self) -> np.ndarray:
+        return offsetTransform(self.offsets, self._offsetCentre()) @ self._requireCase().T_base
+
+    def setInitialPose(self, T) -> np.ndarray:
+        """Make ``T (4, 4)`` (e.g. moved by hand in a view) the initial estimate; returns the six offsets that
+        give it (:meth:`setOffsets`)."""
         case = self._requireCase()
-        centre = case.T_base[:3, :3] @ self.roiCentreWorld() + case.T_base[:3, 3]
-        return offsetTransform(self.offsets, centre) @ case.T_base
+        from PPCRegistrationLib.formats import validate_rigid
+
+        try:
+            T = validate_rigid(np.asarray(T, dtype=np.float64), "initial pose").numpy()
+        except ValueError as exc:
+            raise WorkflowError(str(exc)) from exc
+        offsets = offsetsFromTransform(T @ np.linalg.inv(case.T_base), self._offsetCentre())
+        self.setOffsets(offsets)
+        return offsets
+
+    def _offsetCentre(self) -> np.ndarray:
+        """The region's centre at the base pose (world mm): the offsets' rotation centre."""
+        case = self._requireCase()
+        return case.T_base[:3, :3] @ self.roiCentreWorld() + case.T_base[:3, 3]
 
     def mtre(self, T) -> float | None:
         """mTRE (mm) of ``T`` against the simulated ground truth over the vertebra's surface, else None."""
