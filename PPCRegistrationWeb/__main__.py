@@ -20,7 +20,13 @@ def main() -> None:
 
     import torch
 
-    logging.basicConfig(level=logging.INFO, format="[app] %(message)s")
+    # our own log lines (one per Run: updates, time) on stderr; trame's INFO chatter stays off
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[app] %(message)s"))
+    log = logging.getLogger("PPCRegistrationWeb")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
     torch.set_num_threads(int(os.environ.get("PPCREG_THREADS", "1")))
     from .app import serve
