@@ -31,6 +31,7 @@ LOG = logging.getLogger("PPCRegistrationWeb")
 OWNER_TIMEOUT_S = 8.0
 DEFAULT_UPLOAD_LIMIT_BYTES = 1024 ** 3
 PLOT_EVERY_S = 1.0
+GEOMETRY_KEYS = ("spacing", "sdd", "sid", "primary", "secondary")
 POSE_KEYS = ("rx", "ry", "rz", "tx", "ty", "tz")
 
 HEARTBEAT_JS = """
@@ -98,7 +99,9 @@ class PPCRegistrationApp:
             "device": device, "devices": list(core.DEVICES), "refine": True, "opacity": 0.5, "progress": 0,
             "status": {}, "plot_svg": "", "hist_svg": "", "ranked": [], "upload_limit": self.upload_limit,
             "upload_limit_mb": round(self.upload_limit / 1024 ** 2),
-            "box": [0.0, 0.0, 0.0, 60.0, 60.0, 60.0],
+            # flat keys: the page's v-model on a nested value would not reach the server
+            **{f"box_{i}": v for i, v in enumerate((0.0, 0.0, 0.0, 60.0, 60.0, 60.0))},
+            **{f"geo_{k}": "" for k in GEOMETRY_KEYS},
         })
         server.trigger("ppcreg_hello")(self.hello)
         for name in ("upload",):
@@ -229,7 +232,7 @@ class PPCRegistrationApp:
         path = folder / _safe_name(file.name)
         path.write_bytes(file.content)
         wf = self.workflow
-        action = {"ct": wf.loadCT, "labels": wf.loadLabels, "xray": wf.loadXray}.get(kind)
+        action = {"ct": wf.loadCT, "labels": wf.loadLabels, "xray": self._load_xray}.get(kind)
         if action is None:
             return
         if await self._guarded(f"Reading {file.name} ...", action, path, shown_as=(str(path), file.name)) \
@@ -238,6 +241,27 @@ class PPCRegistrationApp:
                 self._refresh_inputs()
                 self.state.info = f"Loaded {file.name}."
                 self._show_initial()
+
+    def _load_xray(self, path: Path) -> str:
+        """An uploaded X-ray with the page's geometry fields (blank: from the file's DICOM tags)."""
+        from PPCRegistrationLogic.workflow import WorkflowError
+
+        values = {}
+        for key, name in (("spacing", "pixelSpacingMM"), ("sdd", "sddMM"), ("sid", "sidMM"),
+                          ("primary", "primaryDeg"), ("secondary", "secondaryDeg")):
+            text = str(self.state[f"geo_{key}"] or "").strip()
+            if text:
+                try:
+                    values[name] = float(text)
+                except ValueError:
+                    raise WorkflowError(f"the X-ray geometry field '{key}' must be a number, got {text!r}") from None
+        spacing = values.pop("pixelSpacingMM", None)
+        try:
+            return self.workflow.loadXray(path, spacing, **values)
+        except WorkflowError as exc:
+            if "lacks the C-arm geometry" in str(exc) or "pixel spacing" in str(exc):
+                raise WorkflowError(f"{exc} (in this page: fill in 'X-ray geometry' before uploading)") from None
+            raise
 
     async def simulate(self) -> None:
         s = self.state
@@ -257,7 +281,7 @@ class PPCRegistrationApp:
         if self.workflow is None:
             return
         try:
-            b = [float(v) for v in self.state.box]
+            b = [float(self.state[f"box_{i}"]) for i in range(6)]
             self.workflow.setBox(b[:3], b[3:])
             self.state.info, self.state.error = "Region of interest: the box.", ""
         except (WorkflowError, ValueError, TypeError) as exc:
@@ -266,8 +290,8 @@ class PPCRegistrationApp:
     def box_from_vertebra(self) -> None:
         if self.workflow is None or self.workflow.ctNode is None:
             return
-        c = self.workflow.roiCentreWorld()
-        self.state.box = [round(float(v), 1) for v in c] + list(self.state.box[3:])
+        for i, v in enumerate(self.workflow.roiCentreWorld()):
+            self.state[f"box_{i}"] = round(float(v), 1)
 
     # ------------------------------------------------------------------ pose and display
     def _on_pose(self, **_) -> None:

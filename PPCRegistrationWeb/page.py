@@ -14,7 +14,9 @@ def _file_input(app, kind: str, label: str, accept: str, ident: str):
     check = (f"($event.target.files && $event.target.files[0] && $event.target.files[0].size > {limit}) ? "
              f"(error = $event.target.files[0].name + ': ' + Math.round($event.target.files[0].size / 1048576) + "
              f"' MB is over the upload limit of {round(limit / 1048576)} MB (PPCREG_UPLOAD_LIMIT_MB)') : "
-             f"trigger('{trigger}', ['{kind}', $event.target.files])")
+             f"trigger('{trigger}', ['{kind}', Array.from($event.target.files)]); "
+             # cleared, so that choosing the same file again (after fixing the geometry, say) is a change too
+             "$event.target.value = ''")
     v.VFileInput(label=label, accept=accept, density="compact", hide_details=True, show_size=True,
                  prepend_icon="mdi-upload", change=check, disabled=("busy || running",), id=ident,
                  classes="mb-2")
@@ -51,6 +53,18 @@ def build_page(app):
                             "upload-labels")
                 _file_input(app, "xray", "X-ray (PNG, NRRD, DICOM with C-arm tags)", ".png,.nrrd,.nii,.gz,.mha,.dcm",
                             "upload-xray")
+                with v.VExpansionPanels(classes="mb-2"):
+                    with v.VExpansionPanel(title="X-ray geometry (when the file has none)"):
+                        with v.VExpansionPanelText():
+                            html.Div("Blank: from the DICOM tags. Set before uploading the X-ray.",
+                                     classes="text-caption")
+                            with v.VRow(dense=True):
+                                for key, label in (("spacing", "pixel (mm)"), ("sdd", "source-detector (mm)"),
+                                                   ("sid", "source-isocentre (mm)"), ("primary", "LAO+/RAO- (°)"),
+                                                   ("secondary", "CRA+/CAU- (°)")):
+                                    with v.VCol(cols=6):
+                                        v.VTextField(v_model=(f"geo_{key}",), label=label, density="compact",
+                                                     hide_details=True, id=f"geometry-{key}")
                 html.Div("CT: {{ ct_desc || 'none' }}", id="ct-desc", classes="text-caption")
                 html.Div("X-ray: {{ case_desc || 'none' }}", id="case-desc", classes="text-caption mb-2")
                 v.VSelect(label="vertebra (region of interest)", items=("vertebrae",), v_model=("vertebra",),
@@ -62,7 +76,7 @@ def build_page(app):
                             with v.VRow(dense=True):
                                 for i, name in enumerate(("x", "y", "z", "width", "height", "depth")):
                                     with v.VCol(cols=4):
-                                        v.VTextField(v_model=(f"box[{i}]",), label=name, type="number",
+                                        v.VTextField(v_model=(f"box_{i}",), label=name, type="number",
                                                      density="compact", hide_details=True, id=f"box-{i}")
                             v.VBtn("centre on the vertebra", click=app.box_from_vertebra, size="small")
                             v.VBtn("use the box", click=app.use_box, size="small", id="use-box")

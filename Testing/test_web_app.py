@@ -252,6 +252,34 @@ def test_bad_uploads_give_a_message_and_keep_the_case(page, tmp_path):
     page.screenshot(path=str(OUT / "page_bad_upload.png"))
 
 
+def test_an_xray_without_tags_takes_the_pages_geometry_and_a_box_region(page, tmp_path):
+    import SimpleITK as sitk
+
+    png = tmp_path / "fluoro.png"
+    arr = (np.random.default_rng(0).random((160, 200)) * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(png))
+    case_before = _text(page, "#case-desc")
+    page.set_input_files("#upload-xray", str(png))
+    _wait_text(page, "#error", "t.includes('X-ray geometry')", 60_000)  # a PNG has no spacing, no C-arm
+    assert _text(page, "#case-desc") == case_before
+    page.click("text=X-ray geometry (when the file has none)")
+    for key, value in (("spacing", "1.5"), ("sdd", "1200"), ("sid", "750"), ("primary", "20"), ("secondary", "5")):
+        page.fill(f"#geometry-{key}", value)
+    page.wait_for_timeout(500)
+    page.set_input_files("#upload-xray", str(tmp_path / "fluoro.png"))
+    _wait_text(page, "#case-desc", "t.includes('fluoro.png')", 60_000)
+    assert _text(page, "#status-mtre") == "-"  # no ground truth
+    # a box region centred on the vertebra, then one update from the uploaded X-ray
+    page.click("text=or a region-of-interest box (mm, RAS)")
+    page.click("text=centre on the vertebra")
+    page.click("#use-box")
+    _wait_text(page, "#info", "t.includes('the box')", 30_000)
+    page.click("#step")
+    _wait_text(page, "#status-iteration", "parseInt(t) >= 1", 60_000)
+    assert _text(page, "#status-mtre") == "-"
+    page.screenshot(path=str(OUT / "page_uploaded_xray.png"))
+
+
 def _work_dirs() -> set[Path]:
     import tempfile
 

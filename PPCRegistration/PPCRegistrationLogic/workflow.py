@@ -182,10 +182,13 @@ class Workflow:
             self.vertebra = names[len(names) // 2]
         return names
 
-    def loadXray(self, path: str | Path, pixelSpacingMM: float | None = None) -> str:
+    def loadXray(self, path: str | Path, pixelSpacingMM: float | None = None, *, sddMM: float | None = None,
+                 sidMM: float | None = None, primaryDeg: float | None = None,
+                 secondaryDeg: float | None = None) -> str:
         """A real X-ray (PNG, NRRD, DICOM, ...).  Its geometry comes from the DICOM C-arm tags (angles,
-        distances, pixel spacing), aimed at the region of interest's centre; an image without them is refused
-        with the list of what is missing.  No ground truth: the mTRE is not shown."""
+        distances, pixel spacing), aimed at the region of interest's centre; values given here replace or
+        supply them (a PNG has none).  An image without them is refused with the list of what is missing.
+        No ground truth: the mTRE is not shown."""
         from PPCRegistrationLib.errors import PPCError
         from PPCRegistrationLib.xray_io import projection_from_xray, read_xray
 
@@ -193,7 +196,8 @@ class Workflow:
         p = self._readable(Path(path), "xray")
         try:
             xray = read_xray(p, pixelSpacingMM)
-            projection = projection_from_xray(xray, self.roiCentreWorld(), "RAS")
+            projection = projection_from_xray(xray, self.roiCentreWorld(), "RAS", sdd=sddMM, sid=sidMM,
+                                              primary_deg=primaryDeg, secondary_deg=secondaryDeg)
         except PPCError as exc:
             raise WorkflowError(str(exc)) from exc
         self._setCase(xray.image.numpy(), projection, np.eye(4), None, f"X-ray {p.name}")
