@@ -87,6 +87,7 @@ class PPCRegistrationApp:
         self._run_task = None
         self._stop = False
         self._plotted = 0.0
+        self._pose_check = None
 
         s = self.state
         s.client_only("me")
@@ -336,7 +337,51 @@ class PPCRegistrationApp:
         drr = reg.renderer.render(reg.projection, reg.T[None])[0].detach().cpu().float()
         wf.session.updateOutputs(SimpleNamespace(T=reg.T.detach().cpu(), drr=drr))  # no points before an update
         self.views.show_session(wf.session, float(self.state.opacity))
+        self._watch_pose(wf.session.transformNode)
         self._status_initial()
+
+    def _watch_pose(self, transformNode) -> None:
+        """Slicer's transform handles on the estimate (in the X-ray view: drag the disk to move the pose in the
+        detector plane); a drag outside a Run becomes the initial pose."""
+        import slicer
+
+        self.views.show_pose_handles(transformNode, self.workflow.roiCentreWorld(), True)
+        if getattr(transformNode, "_ppcreg_observed", False):
+            return
+        transformNode.AddObserver(slicer.vtkMRMLTransformNode.TransformModifiedEvent, self._on_transform_modified)
+        transformNode._ppcreg_observed = True
+
+    def _on_transform_modified(self, *_) -> None:
+        if self._pose_check is not None:
+            self._pose_check.cancel()
+        self._pose_check = asyncio.get_event_loop().call_later(0.3, self._check_pose_moved)  # after the drag
+
+    def _check_pose_moved(self) -> None:
+        """If the estimate in the views is not the one the session holds, the user moved it: it becomes the
+        initial pose (its six offsets go to the sliders) and the next Step or Run starts from it."""
+        from PPCRegistrationLogic.core import transformToWorldArray
+        from PPCRegistrationLogic.workflow import WorkflowError
+
+        self._pose_check = None
+        wf = self.workflow
+        if wf is None or wf.case is None or self.state.running or self.state.busy \
+                or wf.session.transformNode is None or wf.session.registration is None:
+            return
+        T = transformToWorldArray(wf.session.transformNode)
+        expected = wf.session.registration.T.numpy() if wf.started else wf.initialPose()
+        if np.allclose(T, expected, atol=1e-6):
+            return
+        try:
+            offsets = wf.setInitialPose(T)
+        except WorkflowError as exc:
+            with self.state:
+                self.state.error = str(exc)
+            return
+        with self.state:
+            for key, value in zip(POSE_KEYS, offsets):
+                self.state[key] = round(float(value), 2)
+            self.state.info = "Initial pose moved in the X-ray view: Step or Run starts from it."
+            self._status_initial()
 
     def _status_initial(self) -> None:
         wf = self.workflow
@@ -399,6 +444,7 @@ class PPCRegistrationApp:
         if reg is None:
             return
         self.state.running = True  # at once: a second Run before the task starts is refused
+        self.views.show_pose_handles(self.workflow.session.transformNode, self.workflow.roiCentreWorld(), False)
         self._run_task = asyncio.get_event_loop().create_task(self._run_loop(reg))
 
     async def _run_loop(self, reg) -> None:
@@ -434,6 +480,8 @@ class PPCRegistrationApp:
                 self.state.error = f"The update failed: {exc}; the last good estimate is kept"
         finally:
             seconds = time.perf_counter() - t0
+            if self.workflow is not None and self.workflow.session.transformNode is not None:
+                self.views.show_pose_handles(self.workflow.session.transformNode, self.workflow.roiCentreWorld())
             with self.state:
                 self.state.running = False
                 if status != "running":

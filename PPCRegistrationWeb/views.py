@@ -94,6 +94,23 @@ class SceneViews:
             self._show_ct_3d(logic)
             self._aim_camera(logic.projection)
 
+    def show_pose_handles(self, transformNode, centre, visible: bool = True) -> None:
+        """Slicer's transform handles on the registration transform about ``centre`` (mm, in the CT's frame):
+        in the X-ray view a disk at the region's projection that moves the pose in the detector plane."""
+        if transformNode is None:
+            return
+        transformNode.SetCenterOfTransformation(*[float(v) for v in centre])
+        display = transformNode.GetDisplayNode()
+        if display is None:
+            transformNode.CreateDefaultDisplayNodes()
+            display = transformNode.GetDisplayNode()
+            display.SetEditorScalingEnabled(False)
+            display.SetInteractionSizeAbsolute(True)
+            display.SetInteractionSizeMm(40.0)
+        display.SetEditorVisibility(bool(visible))
+        display.SetEditorVisibility3D(bool(visible))
+        display.UpdateEditorBounds()
+
     def _show_ct_3d(self, logic) -> None:
         """The CT's bone surface (a model under the registration transform): volume rendering on a CPU-only
         machine takes seconds a frame, this renders in milliseconds."""

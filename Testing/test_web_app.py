@@ -222,6 +222,51 @@ def test_stop_takes_effect_after_the_current_update_and_reset_restores(page):
     assert _text(page, "#status-state") == "initial estimate"
 
 
+def _handle_pixel(view: np.ndarray) -> tuple[float, float]:
+    """A pixel (x, y) of Slicer's transform handles in a screenshot of the X-ray view: the largest region of flat
+    light grey (the handles are drawn in one shade; the X-ray and the DRR are textured), away from the view's
+    gutter and slice slider."""
+    from scipy import ndimage
+
+    g = view.mean(-1)
+    flat = np.ones(g.shape, bool)
+    for dy in (-2, 0, 2):
+        for dx in (-2, 0, 2):
+            flat &= np.abs(np.roll(np.roll(g, dy, 0), dx, 1) - g) < 1.5
+    grey = (np.abs(view[..., 0] - view[..., 1]) < 8) & (np.abs(view[..., 1] - view[..., 2]) < 8) & (g > 150)
+    mask = flat & grey
+    mask[:40], mask[-40:] = False, False
+    labels, n = ndimage.label(mask)
+    assert n > 0, "no transform handles in the X-ray view"
+    k = int(np.argmax(ndimage.sum(mask, labels, range(1, n + 1)))) + 1
+    ys, xs = np.nonzero(labels == k)
+    i = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return float(xs[i]), float(ys[i])
+
+
+def test_the_pose_moves_by_dragging_the_handles_in_the_xray_view(page):
+    _wait_text(page, "#status-mtre", "t === '10.00 mm'")
+    _settle(page)
+    x, y = _handle_pixel(_xray_view(page))
+    box = page.locator("#views .layout-grid-item").first.bounding_box()
+    x, y = box["x"] + x, box["y"] + y
+    page.mouse.move(x, y)
+    page.wait_for_timeout(300)
+    page.mouse.down()
+    for k in range(1, 11):
+        page.mouse.move(x + 4 * k, y + 2 * k)
+        page.wait_for_timeout(60)
+    page.mouse.up()
+    _wait_text(page, "#info", "t.includes('Initial pose moved')", 30_000)
+    assert _text(page, "#status-mtre") != "10.00 mm"
+    # the new initial pose is where Reset returns; the sliders hold its offsets
+    moved = _text(page, "#status-mtre")
+    page.click("#reset")
+    page.wait_for_timeout(1000)
+    assert _text(page, "#status-mtre") == moved
+    page.screenshot(path=str(OUT / "page_dragged.png"))
+
+
 def test_bad_uploads_give_a_message_and_keep_the_case(page, tmp_path):
     ct_before, case_before = _text(page, "#ct-desc"), _text(page, "#case-desc")
     # a file that is not an image, named as a CT
