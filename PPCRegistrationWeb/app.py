@@ -92,7 +92,7 @@ class PPCRegistrationApp:
         s = self.state
         s.client_only("me")
         s.update({
-            "me": "", "owner": None, "busy": False, "running": False, "info": "Load the sample CT or upload a CT.",
+            "me": "", "owner": None, "busy": False, "stop_at": -1, "running": False, "info": "Load the sample CT or upload a CT.",
             "error": "", "ct_desc": "", "case_desc": "", "vertebrae": [], "vertebra": None, "has_case": False,
             "has_result": False, "sim_mtre": 10.0, "sim_primary": 20.0, "sim_secondary": 5.0, "sim_seed": 0,
             **{k: 0.0 for k in POSE_KEYS}, "method": "classic",
@@ -426,6 +426,8 @@ class PPCRegistrationApp:
     async def _step_task(self, reg) -> None:
         try:
             st = await asyncio.get_running_loop().run_in_executor(self.executor, reg.step)
+            if self.workflow is None or self.workflow.session.registration is not reg:
+                return  # the session ended during the update
             with self.state:
                 self._show_state(st)
         except Exception as exc:  # noqa: BLE001 - shown to the user, the estimate is kept
@@ -460,6 +462,8 @@ class PPCRegistrationApp:
             while not (self._stop or reg.stop_requested or reg.budget_spent):
                 t_step = time.perf_counter()
                 st = await loop.run_in_executor(self.executor, reg.step)
+                if self.workflow is None or self.workflow.session.registration is not reg:
+                    return  # the session ended (its tab closed) during the update: nothing to show
                 t_show = time.perf_counter()
                 compute += t_show - t_step
                 with self.state:
@@ -480,24 +484,34 @@ class PPCRegistrationApp:
                 self.state.error = f"The update failed: {exc}; the last good estimate is kept"
         finally:
             seconds = time.perf_counter() - t0
-            if self.workflow is not None and self.workflow.session.transformNode is not None:
-                self.views.show_pose_handles(self.workflow.session.transformNode, self.workflow.roiCentreWorld())
-            with self.state:
-                self.state.running = False
-                if status != "running":
-                    self.state.progress = 100 if status == "converged" else self.state.progress
-                self.state.info = f"Finished: {status} after {reg.iteration} updates in {seconds:.1f} s."
-                LOG.info("run: %s after %d updates in %.1f s (updates %.1f s, display %.1f s)", status,
-                            reg.iteration, seconds, compute, show)
-                self._show_plots()
-                status_now = dict(self.state.status)
-                status_now.update({"state": status, "run_seconds": f"{seconds:.1f} s"})
-                self.state.status = status_now
+            self._run_finished(reg, status, seconds, compute, show)
+
+    def _run_finished(self, reg, status: str, seconds: float, compute: float, show: float) -> None:
+        """The end of a Run: status, plots and handles (only the running flag when its session has ended)."""
+        with self.state:
+            self.state.running = False
+            if self.workflow is None or self.workflow.session.registration is not reg:
+                return
+            self.views.show_pose_handles(self.workflow.session.transformNode, self.workflow.roiCentreWorld())
+            if status == "converged":
+                self.state.progress = 100
+            self.state.info = f"Finished: {status} after {reg.iteration} updates in {seconds:.1f} s."
+            LOG.info("run: %s after %d updates in %.1f s (updates %.1f s, display %.1f s)", status, reg.iteration,
+                     seconds, compute, show)
+            self._show_plots()
+            status_now = dict(self.state.status)
+            status_now.update({"state": status, "run_seconds": f"{seconds:.1f} s"})
+            self.state.status = status_now
 
     def stop(self) -> None:
+        """Stop a Run after the update in progress (the page says how many were done when Stop arrived)."""
         self._stop = True
         if self.workflow is not None and self.workflow.started:
             self.workflow.session.stop()
+            if self.state.running:
+                done = self.workflow.session.registration.iteration
+                self.state.info = f"Stopping after the current update ({done} done when Stop arrived) ..."
+                self.state.stop_at = done
 
     def reset(self) -> None:
         wf = self.workflow

@@ -37,6 +37,7 @@ def build_page(app):
         with layout.toolbar:
             v.VSpacer()
             html.Div("{{ info }}", id="info", classes="text-body-2 mr-4", v_show="owner && owner === me")
+            html.Span("{{ stop_at }}", id="stop-at", style="display: none;")
             v.VProgressLinear(model_value=("progress",), indeterminate=("busy",), absolute=True, location="bottom",
                               color="primary", id="progress", v_show="owner && owner === me")
         layout.drawer.width = 380
