@@ -305,6 +305,7 @@ class PPCRegistrationApp:
             self.state.error = str(exc)
             return
         if wf.session.transformNode is not None:
+            self._show_drr_at(wf.initialPose())
             self._status_initial()
 
     def _on_vertebra(self, vertebra, **_) -> None:
@@ -331,14 +332,24 @@ class PPCRegistrationApp:
             return
         if self._start() is None:
             return
-        from types import SimpleNamespace
-
-        reg = wf.session.registration
-        drr = reg.renderer.render(reg.projection, reg.T[None])[0].detach().cpu().float()
-        wf.session.updateOutputs(SimpleNamespace(T=reg.T.detach().cpu(), drr=drr))  # no points before an update
+        self._show_drr_at(wf.session.registration.T)
         self.views.show_session(wf.session, float(self.state.opacity))
         self._watch_pose(wf.session.transformNode)
         self._status_initial()
+
+    def _show_drr_at(self, T) -> None:
+        """The estimate ``T (4, 4)`` and the DRR there in the views (one render, ~0.1 s), with no contour points:
+        a new case, or an initial pose moved with the sliders or the handles."""
+        from types import SimpleNamespace
+
+        import torch
+
+        reg = self.workflow.session.registration
+        if reg is None:
+            return
+        T = torch.as_tensor(np.asarray(T), dtype=torch.float64)
+        drr = reg.renderer.render(reg.projection, T[None].to(reg.T.device))[0].detach().cpu().float()
+        self.workflow.session.updateOutputs(SimpleNamespace(T=T, drr=drr))
 
     def _watch_pose(self, transformNode) -> None:
         """Slicer's transform handles on the estimate (in the X-ray view: drag the disk to move the pose in the
@@ -381,6 +392,7 @@ class PPCRegistrationApp:
             for key, value in zip(POSE_KEYS, offsets):
                 self.state[key] = round(float(value), 2)
             self.state.info = "Initial pose moved in the X-ray view: Step or Run starts from it."
+            self._show_drr_at(wf.initialPose())
             self._status_initial()
 
     def _status_initial(self) -> None:
