@@ -30,9 +30,14 @@ from . import plots, views
 LOG = logging.getLogger("PPCRegistrationWeb")
 OWNER_TIMEOUT_S = 8.0
 DEFAULT_UPLOAD_LIMIT_BYTES = 1024 ** 3
-PLOT_EVERY_S = 1.0
 GEOMETRY_KEYS = ("spacing", "sdd", "sid", "primary", "secondary")
 POSE_KEYS = ("rx", "ry", "rz", "tx", "ty", "tz")
+#: the page's state of a session without a case (at start, and when a session ends)
+NO_CASE_STATE = {
+    "ct_desc": "", "case_desc": "", "vertebrae": [], "vertebra": None, "has_case": False, "has_result": False,
+    "status": {}, "plot_svg": "", "hist_svg": "", "ranked": [], "info": "Load the sample CT or upload a CT.",
+    "error": "", "running": False, "busy": False, "progress": 0, "stop_at": -1,
+}
 
 HEARTBEAT_JS = """
 (function () {
@@ -85,28 +90,25 @@ class PPCRegistrationApp:
         self.workflow = None
         self.history: list = []
         self._run_task = None
-        self._stop = False
-        self._plotted = 0.0
         self._pose_check = None
 
         s = self.state
         s.client_only("me")
         s.update({
-            "me": "", "owner": None, "busy": False, "stop_at": -1, "running": False, "info": "Load the sample CT or upload a CT.",
-            "error": "", "ct_desc": "", "case_desc": "", "vertebrae": [], "vertebra": None, "has_case": False,
-            "has_result": False, "sim_mtre": 10.0, "sim_primary": 20.0, "sim_secondary": 5.0, "sim_seed": 0,
+            **NO_CASE_STATE, "me": "", "owner": None,
+            "sim_mtre": 10.0, "sim_primary": 20.0, "sim_secondary": 5.0, "sim_seed": 0,
             **{k: 0.0 for k in POSE_KEYS}, "method": "classic",
             "methods": [{"title": label, "value": name} for name, label in core.METHODS.items()],
-            "device": device, "devices": list(core.DEVICES), "refine": True, "opacity": 0.5, "progress": 0,
-            "status": {}, "plot_svg": "", "hist_svg": "", "ranked": [], "upload_limit": self.upload_limit,
-            "upload_limit_mb": round(self.upload_limit / 1024 ** 2),
+            "device": device, "devices": list(core.DEVICES), "refine": True, "opacity": 0.5,
             # flat keys: the page's v-model on a nested value would not reach the server
             **{f"box_{i}": v for i, v in enumerate((0.0, 0.0, 0.0, 60.0, 60.0, 60.0))},
             **{f"geo_{k}": "" for k in GEOMETRY_KEYS},
         })
+        # what the page's JavaScript calls by name (the heartbeat, the file inputs, the downloads)
         server.trigger("ppcreg_hello")(self.hello)
-        for name in ("upload",):
-            server.trigger(f"ppcreg_{name}")(getattr(self, name))
+        server.trigger("ppcreg_upload")(self.upload)
+        server.trigger("ppcreg_download")(self.download_transform)
+        server.trigger("ppcreg_screenshot")(self.download_screenshot)
         self.ctrl.on_server_ready.add(self._on_ready)
         s.change("opacity")(self._on_opacity)
         s.change("vertebra")(self._on_vertebra)
@@ -155,7 +157,6 @@ class PPCRegistrationApp:
 
     def _end_session(self) -> None:
         """The owner left: stop, delete the uploads, clear the scene."""
-        self._stop = True
         if self.workflow is not None and self.workflow.started:
             self.workflow.session.stop()
         if self.work_dir is not None:
@@ -163,10 +164,7 @@ class PPCRegistrationApp:
         self.work_dir, self.workflow, self.owner = None, None, None
         self.slicer_app.scene.Clear(False)
         self.views = views.SceneViews(self.slicer_app)
-        self.state.update({"ct_desc": "", "case_desc": "", "vertebrae": [], "vertebra": None, "has_case": False,
-                           "has_result": False, "status": {}, "plot_svg": "", "hist_svg": "", "ranked": [],
-                           "info": "Load the sample CT or upload a CT.", "error": "", "running": False,
-                           "busy": False, "progress": 0})
+        self.state.update(NO_CASE_STATE)
 
     # ------------------------------------------------------------------ helpers
     async def _guarded(self, what: str, fn, *args, shown_as: tuple[str, str] | None = None):
@@ -462,7 +460,6 @@ class PPCRegistrationApp:
         self._run_task = asyncio.get_event_loop().create_task(self._run_loop(reg))
 
     async def _run_loop(self, reg) -> None:
-        self._stop = False
         reg.stop_requested = False
         with self.state:
             self.state.running, self.state.error, self.state.info = True, "", "Registering ..."
@@ -471,7 +468,7 @@ class PPCRegistrationApp:
         status = "stopped"
         compute = show = 0.0
         try:
-            while not (self._stop or reg.stop_requested or reg.budget_spent):
+            while not (reg.stop_requested or reg.budget_spent):
                 t_step = time.perf_counter()
                 st = await loop.run_in_executor(self.executor, reg.step)
                 if self.workflow is None or self.workflow.session.registration is not reg:
@@ -489,7 +486,7 @@ class PPCRegistrationApp:
                     break
                 await asyncio.sleep(0)
             else:
-                status = "stopped" if (self._stop or reg.stop_requested) else "max_iterations"
+                status = "stopped" if reg.stop_requested else "max_iterations"
         except Exception as exc:  # noqa: BLE001 - shown to the user, the estimate is kept
             status = "failed"
             with self.state:
@@ -510,14 +507,12 @@ class PPCRegistrationApp:
             self.state.info = f"Finished: {status} after {reg.iteration} updates in {seconds:.1f} s."
             LOG.info("run: %s after %d updates in %.1f s (updates %.1f s, display %.1f s)", status, reg.iteration,
                      seconds, compute, show)
-            self._show_plots()
             status_now = dict(self.state.status)
             status_now.update({"state": status, "run_seconds": f"{seconds:.1f} s"})
             self.state.status = status_now
 
     def stop(self) -> None:
         """Stop a Run after the update in progress (the page says how many were done when Stop arrived)."""
-        self._stop = True
         if self.workflow is not None and self.workflow.started:
             self.workflow.session.stop()
             if self.state.running:
@@ -551,14 +546,12 @@ class PPCRegistrationApp:
             "mtre": "-" if m is None else f"{m:.2f} mm", "state": st.status,
             "message": st.message or "",
         }
-        if st.status != "running" or time.monotonic() - self._plotted >= PLOT_EVERY_S:
-            self._show_plots()  # ~0.2 s: at most once a second while running, and at the end
+        self._show_plots()  # inline SVG: ~10 ms an update
 
     def _show_plots(self) -> None:
         """The mTRE / similarity plot, and the weights of the last update that had correspondences (the
         intensity refinement has none; the views keep showing that update's points too)."""
         hist = self.history
-        self._plotted = time.monotonic()
         if not hist:
             return
         self.state.plot_svg = plots.history_plot([h.mtre_mm for h in hist], [h.similarity for h in hist],

@@ -9,7 +9,7 @@ def _file_input(app, kind: str, label: str, accept: str, ident: str):
     from trame.widgets import vuetify3 as v
 
     limit = app.upload_limit
-    trigger = "ppcreg_upload"  # registered by PPCRegistrationApp
+    trigger = "ppcreg_upload"  # the triggers are registered by PPCRegistrationApp
     # the size is checked in the page first, so that an oversized file is not sent at all
     check = (f"($event.target.files && $event.target.files[0] && $event.target.files[0].size > {limit}) ? "
              f"(error = $event.target.files[0].name + ': ' + Math.round($event.target.files[0].size / 1048576) + "
@@ -120,8 +120,6 @@ def build_page(app):
                                   "'application/octet-stream')"))
                     v.VBtn("screenshot", size="small", id="dl-png", disabled=("!has_result",),
                            click="utils.download('ppcregistration.png', trigger('ppcreg_screenshot'), 'image/png')")
-        server.trigger("ppcreg_download")(app.download_transform)
-        server.trigger("ppcreg_screenshot")(app.download_screenshot)
 
         with layout.content:
             with html.Div(v_if="owner && owner === me", classes="d-flex flex-column", style="height: 100%;"):

@@ -151,16 +151,13 @@ class SceneViews:
         images = [grabRenderWindow(view.render_window()) for view in (self.red, self.threeD) if view is not None]
         append = vtk.vtkImageAppend()
         append.SetAppendAxis(0)
-        pad = []
         height = max(im.GetDimensions()[1] for im in images)
         for im in images:  # the same height for both, padded with black at the top
-            p = vtk.vtkImageConstantPad()
-            p.SetInputData(im)
+            pad = vtk.vtkImageConstantPad()
+            pad.SetInputData(im)
             ext = im.GetExtent()
-            p.SetOutputWholeExtent(ext[0], ext[1], ext[2], ext[2] + height - 1, 0, 0)
-            p.Update()
-            pad.append(p)
-            append.AddInputConnection(p.GetOutputPort())
+            pad.SetOutputWholeExtent(ext[0], ext[1], ext[2], ext[2] + height - 1, 0, 0)
+            append.AddInputConnection(pad.GetOutputPort())  # the pipeline keeps the filter alive
         writer = vtk.vtkPNGWriter()
         writer.SetFileName(str(path))
         writer.SetInputConnection(append.GetOutputPort())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "PPCRegistration"))
@@ -41,9 +42,8 @@ def test_sample_case_from_loading_to_the_exported_transform(wf, chest_ct_paths, 
     assert np.allclose(T @ np.linalg.inv(T0) @ [*centre, 1.0], [*centre, 1.0])  # the centre stays
     with pytest.raises(WorkflowError, match="numbers"):
         wf.setOffsets([0, 0, float("nan"), 0, 0, 0])
-    # a pose moved by hand (the 3D view's handles) becomes the initial pose, through the same six offsets
+    # a pose moved by hand (the X-ray view's handles) becomes the initial pose, through the same six offsets
     from PPCRegistrationLib.geometry import se3_exp
-    import torch
 
     moved = se3_exp(torch.tensor([0.05, -0.02, 0.1, 3.0, -7.0, 2.0], dtype=torch.float64)).numpy() @ T0
     offsets = wf.setInitialPose(moved)
@@ -136,6 +136,6 @@ def test_bad_inputs_leave_the_case_and_a_real_dicom_xa_loads(wf, lumbar_ct_path,
     assert (wf.case.projection.height, wf.case.projection.width) == (96, 128)
     assert float(wf.case.projection.sdd[0]) == pytest.approx(1150.0)
     iso = wf.roiCentreWorld()
-    uv = wf.case.projection.project(__import__("torch").tensor(iso)[None, None])[0, 0]
+    uv = wf.case.projection.project(torch.tensor(iso)[None, None])[0, 0]
     assert np.allclose(uv.numpy(), [63.5, 47.5], atol=1e-6)  # the vertebra at the image centre
     assert not case.xrayNode.GetScene()  # the previous X-ray was replaced, not kept beside it

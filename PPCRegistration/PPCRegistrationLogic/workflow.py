@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from PPCRegistrationLib.file_checks import suffix
+
 from . import core, scenario
 
 #: what a front end can ask for (the defaults of the simulated case are :func:`scenario.simulateCase`'s)
@@ -31,12 +33,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 class WorkflowError(ValueError):
     """A user mistake or a bad input; the message says what is wrong and what to do."""
-
-
-def suffixOf(name: str) -> str:
-    """The file type of ``name`` (``.nii.gz`` counts as one suffix), lower case."""
-    low = name.lower()
-    return ".nii.gz" if low.endswith(".nii.gz") else Path(low).suffix
 
 
 def extractZip(path: Path, dest: Path, maxBytes: int) -> Path:
@@ -242,7 +238,7 @@ class Workflow:
 
     def _readable(self, path: Path, kind: str) -> Path:
         suffixes = XRAY_SUFFIXES if kind == "xray" else VOLUME_SUFFIXES
-        sfx = suffixOf(path.name)
+        sfx = suffix(path)
         if sfx not in suffixes:
             what = "an X-ray" if kind == "xray" else ("a CT" if kind == "ct" else "a label map")
             raise WorkflowError(f"{path.name}: not a file type for {what}; use one of {', '.join(suffixes)}")
