@@ -39,6 +39,8 @@ def _cmd_simulate(args) -> int:
     from .simulation import ViewSampler, XRayVariation, make_case
 
     out = Path(args.out).expanduser()
+    if args.metal and args.xray_model != "physics":
+        raise InputError("--metal needs --xray-model physics (the training simulator has no metal)")
     ct, roi, desc = _load_ct_and_roi(args)
     lo, hi = _mtre_range(args)
     if (args.primary is None) != (args.secondary is None):
@@ -50,8 +52,15 @@ def _cmd_simulate(args) -> int:
     surface = _surface(ct, roi)
     renderer = DRRRenderer(ct)
     variation = XRayVariation.none() if args.no_variation else None
-    case = make_case(renderer, surface.points.detach().cpu().to(torch.float64), args.seed, (lo, hi), views,
-                     variation)
+    targets = surface.points.detach().cpu().to(torch.float64)
+    case = make_case(renderer, targets, args.seed, (lo, hi), views, variation)
+    physics_info = None
+    if args.xray_model == "physics":
+        from .physics_simulation import PhysicsSimulator, describe
+
+        img, info = PhysicsSimulator(ct, anchor=targets, metal=args.metal).simulate(case.projection, case.T_gt,
+                                                                                     case.xray_seed)
+        case.xray, physics_info = img, describe(info)
     v = case.view
     out.mkdir(parents=True, exist_ok=True)
     proj = case.projection.to("cpu", torch.float64)
@@ -73,6 +82,7 @@ def _cmd_simulate(args) -> int:
     case_obj = {
         "format": "ppcreg-case", "version": 1, "seed": args.seed, "initial_mtre_mm": case.initial_mtre_mm,
         "mtre_range_mm": [lo, hi], "view": v, "variation": not args.no_variation, "n_targets": len(surface),
+        "xray_model": args.xray_model, "physics": physics_info,
         "inputs": desc, "files": {k: p.name for k, p in files.items()},
         "register_command": " ".join(cmd),
     }
@@ -259,7 +269,9 @@ def _cmd_evaluate(args) -> int:
                       classic_fallback=not args.no_classic_fallback,
                       config=RegistrationConfig().updated({"refine.iterations": args.refine_iterations,
                                                            "learned.flow_flips": args.flow_flips}),
-                      progress=not args.quiet)
+                      progress=not args.quiet,
+                      xray_models=("drr", "physics") if args.xray_model == "both" else (args.xray_model,),
+                      metal=args.metal)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
     _say(paths["summary.md"].read_text(encoding="utf-8"))
@@ -294,6 +306,9 @@ _FALLBACK_HELP = ("chained methods: no classic registration from the initial est
                   "correlates poorly with the X-ray (only classic's own retry)")
 _FLIPS_HELP = ("learned methods: average the flow over this many mirrorings of the window (default 4: cancels the "
                "network's mirror-dependent bias; 1 = the network once, as in training)")
+_XRAY_MODEL_HELP = ("X-ray simulator: drr (the training simulator, default) or physics (test only: materials, "
+                    "polychromatic spectrum, scatter, detector, collimation; docs/design.md)")
+_METAL_HELP = "physics X-rays: metal screws, K-wires or an instrument in the field of a random half of the cases"
 _METHODS_HELP = ("classic; the learned flow, ppc-flow, ppc-flow-attention (need model files, see `ppcreg train`); "
                  "chained <learned>+classic, e.g. ppc-flow-attention+classic (learned updates, then classic "
                  "refinement)")
@@ -326,6 +341,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256,
                    help="detector size in pixels (square, 380 mm wide; default 256)")
     p.add_argument("--no-variation", action="store_true", help="no noise/blur/contrast variation: X-ray = DRR")
+    p.add_argument("--xray-model", choices=("drr", "physics"), default="drr", help=_XRAY_MODEL_HELP)
+    p.add_argument("--metal", action="store_true", help=_METAL_HELP)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("register", help="register a CT to an X-ray",
@@ -405,6 +422,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--detector-px", type=_positive_int("--detector-px"), default=256, help="default 256")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--no-variation", action="store_true", help="X-rays without noise/contrast variation")
+    p.add_argument("--xray-model", choices=("drr", "physics", "both"), default="drr",
+                   help=_XRAY_MODEL_HELP + "; both: every case with each, the gap reported per method")
+    p.add_argument("--metal", action="store_true", help=_METAL_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)

@@ -134,6 +134,16 @@ def _at_least_two(data: torch.Tensor) -> torch.Tensor:
     return F.pad(data, (0, max(0, 2 - i), 0, max(0, 2 - j), 0, max(0, 2 - k)))
 
 
+def _crop_to(volume: Volume, keep: torch.Tensor) -> Volume:
+    """``volume`` cropped to the bounding box of the voxels where ``keep`` (same shape, bool) is true."""
+    lo, hi = [], []
+    for dim in (2, 1, 0):  # i, j, k
+        idx = torch.nonzero(keep.any(dim=tuple(d for d in range(3) if d != dim))).flatten()
+        lo.append(int(idx[0]))
+        hi.append(int(idx[-1]) + 1)
+    return volume.crop(tuple(lo), tuple(hi))  # type: ignore[arg-type]
+
+
 # Tensor dimension of each volume axis (i, j, k) in the (K, J, I) data, and the in-plane (row, col) axes of the
 # slices perpendicular to each marching axis.
 _DIM_OF_AXIS = {0: 2, 1: 1, 2: 0}
@@ -218,13 +228,7 @@ class DRRRenderer:
         if not bool(body.any()):
             raise InputError(f"no voxel of the CT is above {air_threshold_hu} HU: is the volume in Hounsfield "
                              "units? (an empty or all-air volume cannot be rendered)")
-        lo, hi = [], []
-        for dim in (2, 1, 0):  # i, j, k
-            others = tuple(d for d in range(3) if d != dim)
-            idx = torch.nonzero(body.any(dim=others)).flatten()
-            lo.append(int(idx[0]))
-            hi.append(int(idx[-1]) + 1)
-        cropped = Volume(hu, m).crop(tuple(lo), tuple(hi))  # type: ignore[arg-type]
+        cropped = _crop_to(Volume(hu, m), body)
         self.bone_boost = DEFAULT_BONE_BOOST if bone_boost is None else float(bone_boost)
         if not (self.bone_boost > 0 and math.isfinite(self.bone_boost)):
             raise InputError(f"bone_boost must be a positive number, got {bone_boost}")
@@ -237,6 +241,30 @@ class DRRRenderer:
         #: the cached attenuation volume (1/mm), cropped and downsampled, on ``device``
         self.mu_volume = Volume(_at_least_two(mu), mat)
         self._stacks: dict[tuple[int, int], _SlabStack] = {}
+
+    @classmethod
+    def from_values(cls, values: Volume, *, step_mm: float | None = None,
+                    device: torch.device | str | None = None) -> "DRRRenderer":
+        """A renderer of a volume of non-negative values per mm (an attenuation or a partial density), not HU.
+
+        The line integrals are then ``sum(value * step_mm)``: e.g. a bone density volume (g/cm^3) gives the bone
+        mass thickness in (g/cm^3 * mm).  Cropped to the non-zero voxels (raises ``InputError`` when there are
+        none), not downsampled.
+        """
+        if not isinstance(values, Volume):
+            raise InputError(f"DRRRenderer.from_values needs a volume.Volume, got {type(values).__name__}")
+        self = cls.__new__(cls)
+        self.device = torch.device(device) if device is not None else values.device
+        self.mu_water, self.bone_boost, self.step_mm = float("nan"), 1.0, step_mm
+        data = values.data.to(device=self.device, dtype=torch.float32)
+        if not torch.isfinite(data).all() or bool((data < 0).any()):
+            raise InputError("the values to render must be finite and non-negative")
+        if not bool((data > 0).any()):
+            raise InputError("nothing to render: every voxel is 0")
+        cropped = _crop_to(Volume(data, values.ijk_to_world.to(self.device)), data > 0)
+        self.mu_volume = Volume(_at_least_two(cropped.data.contiguous()), cropped.ijk_to_world)
+        self._stacks = {}
+        return self
 
     # -- internals
     def _stack(self, axis: int, factor: int) -> _SlabStack:

@@ -16,6 +16,7 @@ The mTRE targets are the surface points of the region of interest (the same poin
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -30,6 +31,8 @@ from .features import SurfacePoints
 from .metrics import mrpd, mtre, paired_comparison, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
     models_from_mapping, normalize_method, resolve_method
+from .physics_simulation import XRAY_MODELS, PhysicsSimulator
+from .physics_simulation import describe as describe_physics
 from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig, registration_surface
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
@@ -81,7 +84,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              classic_fallback: bool = True, config: RegistrationConfig | None = None,
              renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
-             on_case: Callable[[dict], None] | None = None) -> dict:
+             on_case: Callable[[dict], None] | None = None, xray_models: Sequence[str] = ("drr",),
+             metal: bool = False) -> dict:
     """Run the evaluation protocol (docs/design.md §6) on one CT.
 
     Args:
@@ -111,6 +115,11 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         renderer, surface: precomputed DRR renderer / surface points of this CT and ROI.
         progress: show a tqdm progress bar over the cases (on stderr).
         on_case: called with each case's record when it is done.
+        xray_models: the X-ray simulators each case is made with, on the same geometry, ground truth and initial
+            estimate: ``"drr"`` (the training simulator, :mod:`.simulation`) and/or ``"physics"``
+            (:mod:`.physics_simulation`, for testing only).  Methods on the physics X-ray are reported as
+            ``<method>@physics`` and compared with the same method on the DRR X-ray, paired.
+        metal: the physics X-rays have metal in the field in a random half of the cases.
     Returns:
         ``{"config": {...}, "cases": [per-case records], "summary": {...}}``; the summary has ``"initial"``
         (statistics of the initial mTRE) and ``"methods"``: for each method ``"one_update"`` and ``"final"``
@@ -136,6 +145,11 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         raise InputError("give at least one method to evaluate")
     if n_cases < 1:
         raise InputError(f"the number of cases must be at least 1, got {n_cases}")
+    xray_models = list(dict.fromkeys(xray_models))
+    if not xray_models or any(x not in XRAY_MODELS for x in xray_models):
+        raise InputError(f"unknown X-ray model in {xray_models}; available: {', '.join(XRAY_MODELS)}")
+    if metal and "physics" not in xray_models:
+        raise InputError("metal in the field needs the physics X-ray model (--xray-model physics or both)")
     if iterations < 1:
         raise InputError(f"the number of iterations must be at least 1, got {iterations}")
     lo, hi = float(mtre_range[0]), float(mtre_range[1])
@@ -169,6 +183,10 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         raise InputError(f"only {len(surface)} surface points in the region of interest: enlarge the region")
     renderer = renderer or DRRRenderer(ct, device=dev)
     targets = surface.points.detach().cpu().to(torch.float64)
+    physics = (PhysicsSimulator(ct, anchor=targets, metal=metal, device=dev) if "physics" in xray_models
+               else None)
+    runs = [(m, x) for x in xray_models for m in methods]
+    keys = [m if x == "drr" else f"{m}@{x}" for m, x in runs]
 
     from tqdm.auto import tqdm
 
@@ -180,18 +198,23 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         case = make_case(renderer, targets, case_seed, (lo, hi), views, variation)
         rec: dict[str, Any] = {"case": i, "seed": case_seed, "initial_mtre_mm": case.initial_mtre_mm,
                                "view": case.view, "methods": {}}
-        for m in methods:
-            rec["methods"][m] = _run_method(ct, case, roi, cfg, resolved[m], surface, renderer)
+        cases = {"drr": case}
+        if physics is not None:
+            img, info = physics.simulate(case.projection, case.T_gt, case.xray_seed)
+            cases["physics"] = dataclasses.replace(case, xray=img)
+            rec["physics"] = describe_physics(info)
+        for (m, x), key in zip(runs, keys):
+            rec["methods"][key] = _run_method(ct, cases[x], roi, cfg, resolved[m], surface, renderer)
         records.append(rec)
         if progress:
-            bar.set_postfix({m: f"{rec['methods'][m]['mtre_final_mm']:.2f}mm" for m in methods[:2]})
+            bar.set_postfix({k: f"{rec['methods'][k]['mtre_final_mm']:.2f}mm" for k in keys[:2]})
         if on_case is not None:
             on_case(rec)
     bar.close()
 
-    summary = summarize_cases(records, methods)
+    summary = summarize_cases(records, keys)
     return {
-        "config": {"methods": methods, "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
+        "config": {"methods": keys, "xray_models": xray_models, "metal": bool(metal), "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
                    "flow_flips": int(cfg.learned.flow_flips),
@@ -422,6 +445,7 @@ def summary_markdown(result: Mapping) -> str:
         for c in paired:
             lines.append(f"| {c['a']} | {c['b']} | {c['final_only_a']} | {c['final_only_b']} | "
                          f"{_fmt(c['final_p_value'], 3)} |")
+    lines += _simulator_gap_lines(paired)
     lines += ["", rf_note + " Seconds per case: median wall time."]
     if chained:
         lines += [f"Chained methods ({', '.join(chained)}): learned updates first (at most "
@@ -431,6 +455,19 @@ def summary_markdown(result: Mapping) -> str:
                      "estimate (classic fallback)." if cfg.get("classic_fallback") else "; no classic fallback.")]
     lines.append("")
     return "\n".join(lines)
+
+
+def _simulator_gap_lines(paired: Sequence[Mapping]) -> list[str]:
+    """The table of each method's success on the physics X-rays against the same method on the DRR X-rays."""
+    rows = [c for c in paired if c["a"].endswith("@physics") and c["a"].rsplit("@", 1)[0] == c["b"]]
+    if not rows:
+        return []
+    lines = ["", "Simulator gap: each method on the physics X-rays (test only) against itself on the training "
+             "simulator's X-rays of the same cases (same views, ground truth and initial estimates).", "",
+             "| method | < 2 mm only on DRR | only on physics | McNemar p |", "|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['b']} | {c['final_only_b']} | {c['final_only_a']} | {_fmt(c['final_p_value'], 3)} |")
+    return lines
 
 
 def write_report(result: Mapping, out_dir: str | Path) -> dict[str, Path]:

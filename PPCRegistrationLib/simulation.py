@@ -181,6 +181,8 @@ class SimulatedCase:
     initial_mtre_mm: float
     view: dict = field(default_factory=dict)
     seed: int = 0
+    #: the seed the X-ray's appearance was drawn with (a second simulator draws its own from it)
+    xray_seed: int = 0
 
 
 def make_case(renderer: Renderer, targets: torch.Tensor, seed: int, mtre_range: tuple[float, float],
@@ -194,7 +196,8 @@ def make_case(renderer: Renderer, targets: torch.Tensor, seed: int, mtre_range: 
     T_gt = torch.eye(4, dtype=torch.float64)
     target = _uniform(gen, *mtre_range)
     T_init = random_initial_transform(T_gt, targets, target, gen)
-    xray = simulate_xray(renderer, proj, T_gt, seed=int(torch.randint(0, 2**31 - 1, (), generator=gen)),
-                         variation=variation)
+    xray_seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
+    xray = simulate_xray(renderer, proj, T_gt, seed=xray_seed, variation=variation)
     return SimulatedCase(projection=proj, T_gt=T_gt, T_init=T_init, xray=xray, targets=targets,
-                         initial_mtre_mm=float(mtre(T_init, T_gt, targets)), view=params, seed=seed)
+                         initial_mtre_mm=float(mtre(T_init, T_gt, targets)), view=params, seed=seed,
+                         xray_seed=xray_seed)

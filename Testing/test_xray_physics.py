@@ -1,0 +1,210 @@
+"""The physics test simulator: attenuation data, spectrum, Beer-Lambert, beam hardening, metal, determinism, and
+the real lumbar CT (docs/design.md §6.4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from PPCRegistrationLib.drr import DRRRenderer
+from PPCRegistrationLib.errors import InputError
+from PPCRegistrationLib.foreign_objects import Cylinder, chord_lengths
+from PPCRegistrationLib.geometry import Projection, carm_pose
+from PPCRegistrationLib.physics_simulation import PhysicsSimulator, PhysicsVariation
+from PPCRegistrationLib.volume import Volume
+from PPCRegistrationLib.xray_physics import Spectrum, attenuation_table, hu_to_densities
+
+
+def test_table_values_and_interpolation():
+    t = attenuation_table()
+    # NIST Table 4 entries are returned exactly at the tabulated energies
+    assert float(t.mu_rho("water", torch.tensor([60.0]))) == pytest.approx(0.2059, rel=1e-9)
+    assert float(t.mu_rho("bone", torch.tensor([40.0]))) == pytest.approx(0.6655, rel=1e-9)
+    e = torch.linspace(10, 150, 141, dtype=torch.float64)
+    for m in ("soft_tissue", "bone", "iron", "titanium", "aluminium", "copper"):
+        v = t.mu_rho(m, e)
+        assert bool((v[1:] < v[:-1]).all()), f"{m}: mu/rho must fall with energy (no edge in 10-150 keV)"
+    # photo-electric absorption makes bone stand out at diagnostic energies; at 150 keV (Compton) it does not
+    low = e[e <= 100]
+    assert bool((t.mu_rho("bone", low) > 1.05 * t.mu_rho("soft_tissue", low)).all())
+    assert float(t.mu_rho("bone", torch.tensor([150.0]))) < float(t.mu_rho("soft_tissue", torch.tensor([150.0])))
+    with pytest.raises(InputError, match="keV"):
+        t.mu_rho("water", torch.tensor([5.0]))
+    with pytest.raises(InputError, match="material"):
+        t.mu_rho("unobtainium", torch.tensor([50.0]))
+
+
+def test_spectrum_energy_conservation():
+    """The unfiltered Kramers spectrum's total energy is the analytic integral of k (kVp - E) over the energies,
+    for any bin width; a filter never adds photons, and hardens the beam."""
+    for kvp in (70.0, 120.0):
+        exact = (kvp - 10.0) ** 2 / 2  # integral of (kVp - E) dE from 10 keV to kVp
+        for bin_kev in (0.5, 1.0, 2.0):
+            s = Spectrum.kramers(kvp, bin_kev=bin_kev)
+            # energy per bin is N * E_centre: exact for the linear integrand up to the bin-centre error
+            assert s.energy_fluence() == pytest.approx(exact, rel=2e-3)
+            assert float(s.normalized().photons.sum()) == pytest.approx(1.0, abs=1e-12)
+        f = Spectrum.kramers(kvp, {"aluminium": 2.5, "copper": 0.2})
+        assert bool((f.photons <= Spectrum.kramers(kvp).photons + 1e-15).all())
+        assert f.mean_energy() > Spectrum.kramers(kvp).mean_energy() + 5
+    with pytest.raises(InputError, match="tube voltage"):
+        Spectrum.kramers(200.0)
+
+
+def _slab_case(thickness_mm: float, hu: float, n: int = 48):
+    """A uniform slab of ``hu`` (in air), ``thickness_mm`` along the beam (the AP axis, j), and a PA view."""
+    sp = 1.0
+    k = int(round(thickness_mm / sp))
+    data = torch.full((n, k, n), float(hu))  # (K, J, I): thin along j
+    m = torch.diag(torch.tensor([sp, sp, sp, 1.0], dtype=torch.float64))
+    m[:3, 3] = torch.tensor([-(n - 1) / 2 * sp, -(k - 1) / 2 * sp, -(n - 1) / 2 * sp], dtype=torch.float64)
+    vol = Volume(data, m)
+    pose = carm_pose(0.0, 0.0, 1000.0, torch.zeros(3, dtype=torch.float64), "LPS")
+    proj = Projection.from_carm(pose, 2000.0, 16, 16, 0.5)
+    return vol, proj
+
+
+@pytest.mark.parametrize("hu", [0.0, 1000.0])
+def test_uniform_slab_matches_beer_lambert_per_energy(hu):
+    """Behind a uniform slab each energy is attenuated as exp(-mu/rho(E) rho t), and the detector signal is their
+    energy-weighted sum: the simulator's mass thickness and transmission against the hand computation."""
+    t_mm = 40.0
+    vol, proj = _slab_case(t_mm, hu)
+    dens = hu_to_densities(vol.data)
+    sim = PhysicsSimulator(vol)
+    M = sim.mass_thickness(proj, torch.eye(4, dtype=torch.float64))
+    centre = {m: float(v[6:10, 6:10].mean()) for m, v in M.items()}
+    for m, d in dens.items():  # mass thickness = density x thickness (g/cm^2), the rays nearly parallel to the axis
+        want = float(d.max()) * t_mm / 10.0
+        assert centre.get(m, 0.0) == pytest.approx(want, rel=0.01, abs=1e-9), m
+    spec = Spectrum.kramers(90.0, {"aluminium": 3.0})
+    got = float(spec.detected({m: torch.tensor(v, dtype=torch.float64) for m, v in centre.items()}))
+    table = attenuation_table()
+    mu = sum(table.mu_rho(m, spec.energies_kev) * v for m, v in centre.items())
+    w = spec.photons * spec.energies_kev
+    want = float((w * torch.exp(-mu)).sum() / w.sum())
+    assert got == pytest.approx(want, rel=1e-9)
+    # one energy alone (a narrow spectrum) is exactly Beer-Lambert
+    mono = Spectrum(torch.tensor([60.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64), 1.0)
+    thick = {m: torch.tensor(v, dtype=torch.float64) for m, v in centre.items()}
+    bl = math.exp(-sum(float(table.mu_rho(m, torch.tensor([60.0]))) * v for m, v in centre.items()))
+    assert float(mono.detected(thick)) == pytest.approx(bl, rel=1e-9)
+
+
+def test_beam_hardening_lowers_effective_attenuation_behind_thicker_bone():
+    spec = Spectrum.kramers(80.0, {"aluminium": 2.5})
+    mu_eff, mean_e = [], []
+    for t_cm in (0.5, 1.0, 2.0, 4.0):
+        m = torch.tensor(1.92 * t_cm)
+        p = float(spec.detected({"bone": m}))
+        mu_eff.append(-math.log(p) / t_cm)
+        mean_e.append(spec.transmitted({"bone": float(m)}).mean_energy())
+    assert all(a > b for a, b in zip(mu_eff, mu_eff[1:])), mu_eff
+    assert all(a < b for a, b in zip(mean_e, mean_e[1:])), mean_e
+    assert mu_eff[0] / mu_eff[-1] > 1.2  # a clearly visible effect, not rounding
+
+
+def test_cylinder_chords():
+    c = Cylinder((0.0, 0.0, -50.0), (0.0, 0.0, 50.0), 3.0, "iron")
+    o = torch.tensor([-1000.0, 0.0, 0.0], dtype=torch.float64)
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [1000.0, 2.0, 0.0], [1000.0, 3.5, 0.0], [1000.0, 0.0, 60.0]],
+                        dtype=torch.float64)
+    got = chord_lengths(c, o, dirs)
+    half = math.sqrt(9.0 - (2.0 / math.hypot(1000.0, 2.0) * 1000.0) ** 2)
+    assert float(got[0]) == pytest.approx(6.0, abs=1e-9)          # through the axis
+    assert float(got[1]) == pytest.approx(2 * half, rel=1e-3)      # off-centre
+    assert float(got[2]) == 0.0 and float(got[3]) == 0.0           # beside it, past its end
+    along = chord_lengths(c, torch.tensor([0.0, 0.0, -200.0], dtype=torch.float64),
+                          torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))
+    assert float(along[0]) == pytest.approx(100.0, abs=1e-9)       # along the axis: its length
+    with pytest.raises(InputError):
+        Cylinder((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 1.0)
+
+
+def test_values_renderer_refuses_bad_values():
+    vol, _ = _slab_case(8.0, 0.0, n=8)
+    with pytest.raises(InputError, match="every voxel is 0"):
+        DRRRenderer.from_values(vol.with_data(torch.zeros(vol.shape)))
+    with pytest.raises(InputError, match="non-negative"):
+        DRRRenderer.from_values(vol.with_data(-torch.ones(vol.shape)))
+
+
+def test_lumbar_ct_physics_xray(lumbar_l3):
+    """On the real lumbar CT: deterministic per seed, another image than the training DRR but the same anatomy,
+    metal visible where it was put, the collimator's shadow outside the field."""
+    from PPCRegistrationLib.simulation import ViewSampler, make_case
+
+    ct, _, renderer, surface = lumbar_l3
+    targets = surface.points.detach().cpu().to(torch.float64)
+    case = make_case(renderer, targets, 3, (5.0, 10.0), ViewSampler(detector_size_px=128))
+    sim = PhysicsSimulator(ct, anchor=targets, metal=True,
+                           variation=PhysicsVariation(metal_p=1.0, collimation_p=1.0, log_p=1.0))
+    a, info = sim.simulate(case.projection, case.T_gt, seed=11)
+    b, _ = sim.simulate(case.projection, case.T_gt, seed=11)
+    c, _ = sim.simulate(case.projection, case.T_gt, seed=12)
+    assert a.shape == (128, 128) and a.dtype == torch.float32 and bool(torch.isfinite(a).all())
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert info["metal"] and info["objects"]
+    drr = renderer.render(case.projection, case.T_gt[None])[0]
+    field = info["field_mask"]
+    r = torch.corrcoef(torch.stack([a[field].double(), drr[field].double()]))[0, 1]
+    assert 0.5 < float(r) < 0.999, float(r)
+    # metal: the pixels behind the implants (in the patient) are among the most attenuating of the field
+    implants = [o for o in info["objects"] if o.attached]
+    M = sim.mass_thickness(case.projection, case.T_gt, implants)
+    metal_px = (M.get("titanium", torch.zeros(1)) + M.get("iron", torch.zeros(1))) > 2.0
+    metal_px = metal_px & field
+    assert int(metal_px.sum()) > 5
+    assert float(a[metal_px].median()) > float(a[field & ~metal_px].quantile(0.75))
+    # collimator blades: outside the field almost no primary, so high attenuation after the log
+    assert int((~field).sum()) > 0 and float(a[~field].mean()) > float(a[field].mean())
+    without = PhysicsSimulator(ct, variation=PhysicsVariation(collimation_p=0.0))
+    d, info_d = without.simulate(case.projection, case.T_gt, seed=11)
+    assert not info_d["metal"] and bool(info_d["field_mask"].all())
+
+
+def test_cli_simulate_physics_with_metal_and_its_errors(capsys, tmp_path, lumbar_ct_path, lumbar_labels_path):
+    """`ppcreg simulate --xray-model physics --metal` writes the case with the drawn physics; --metal alone is a
+    clear error before the CT is read."""
+    import json
+
+    from PPCRegistrationLib.cli import main
+
+    base = ["simulate", "--ct", str(lumbar_ct_path), "--labels", str(lumbar_labels_path), "--vertebra", "L3",
+            "--seed", "1", "--mtre", "5", "--detector-px", "96"]
+    assert main(base + ["--out", str(tmp_path / "bad"), "--metal"]) == 2
+    assert "--metal needs --xray-model physics" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(base + ["--out", str(tmp_path / "drr")]) == 0
+    assert main(base + ["--out", str(tmp_path / "phys"), "--xray-model", "physics", "--metal"]) == 0
+    case = json.loads((tmp_path / "phys" / "case.json").read_text())
+    assert case["xray_model"] == "physics" and 70 <= case["physics"]["kvp"] <= 120
+    drr = json.loads((tmp_path / "drr" / "case.json").read_text())
+    assert drr["xray_model"] == "drr" and drr["physics"] is None
+    # the same case (view, initial estimate), another image
+    assert case["initial_mtre_mm"] == drr["initial_mtre_mm"] and case["view"] == drr["view"]
+    assert (tmp_path / "phys" / "xray.nrrd").read_bytes() != (tmp_path / "drr" / "xray.nrrd").read_bytes()
+
+
+def test_evaluate_reports_the_simulator_gap(lumbar_l3, one_torch_thread):
+    """Both simulators on the same cases: each method twice, paired, with the physics draws in the records."""
+    from PPCRegistrationLib.evaluation import evaluate, summary_markdown
+
+    ct, roi, renderer, surface = lumbar_l3
+    res = evaluate(ct, roi, methods=["classic"], n_cases=2, seed=5, mtre_range=(2.0, 4.0), iterations=1,
+                   detector_px=96, renderer=renderer, surface=surface, progress=False,
+                   xray_models=("drr", "physics"), metal=True)
+    assert res["config"]["methods"] == ["classic", "classic@physics"] and res["config"]["metal"]
+    for rec in res["cases"]:
+        assert set(rec["methods"]) == {"classic", "classic@physics"}
+        assert 70 <= rec["physics"]["kvp"] <= 120 and isinstance(rec["physics"]["objects"], list)
+    pair = res["summary"]["paired"][0]
+    assert (pair["a"], pair["b"]) == ("classic@physics", "classic")
+    assert "classic@physics" in summary_markdown(res)
+    with pytest.raises(InputError, match="physics"):
+        evaluate(ct, roi, n_cases=1, xray_models=("drr",), metal=True, renderer=renderer, surface=surface,
+                 progress=False)
+    with pytest.raises(InputError, match="unknown X-ray model"):
+        evaluate(ct, roi, n_cases=1, xray_models=("deepdrr",), renderer=renderer, surface=surface, progress=False)
