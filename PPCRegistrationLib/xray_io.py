@@ -21,7 +21,10 @@ DRR line-integral image.  What :func:`read_xray` does:
 
 ``XRayGeometry.inverted`` records whether the returned values are inverted relative to the stored pixels.
 
-No logarithm is taken: a processed clinical image is treated as already (roughly) log-scaled; the
+The logarithm is taken only when the DICOM PixelIntensityRelationship (0028,1040) is ``LIN`` (pixel values
+linear in the exposure, e.g. raw detector data): the values become ``-log((E + 1) / (max E + 1))`` of the exposure
+``E`` (the stored values), line integrals up to an offset.  Otherwise a processed clinical image is
+treated as already (roughly) log-scaled; the
 registration compares gradients with normalised similarity, so any increasing affine map of the line
 integral is acceptable.  RescaleSlope/RescaleIntercept are applied by SimpleITK (GDCM) when reading.
 
@@ -59,6 +62,7 @@ TAG_PIXEL_SPACING = "0028|0030"  # PixelSpacing (row\column, mm)
 TAG_PHOTOMETRIC = "0028|0004"
 TAG_PRESENTATION_LUT = "2050|0020"
 TAG_PATIENT_ORIENTATION = "0020|0020"
+TAG_INTENSITY_RELATIONSHIP = "0028|1040"  # PixelIntensityRelationship: LIN (linear in exposure), LOG, DISP
 
 # metadata keys used to keep the C-arm geometry in NRRD / MHA headers written by write_xray
 _META_PREFIX = "ppcreg_"
@@ -77,6 +81,7 @@ class XRayGeometry:
         imager_pixel_spacing: ImagerPixelSpacing (0018,1164) as ``(u, v)`` mm (swapped from DICOM's row\\col).
         photometric: PhotometricInterpretation (0028,0004) of the source, e.g. "MONOCHROME1".
         inverted: whether :func:`read_xray` inverted the stored values to make bone bright.
+        log_applied: whether :func:`read_xray` took the logarithm (pixel data linear in the exposure).
         patient_orientation: PatientOrientation (0020,0020), e.g. "L\\F" (columns towards the patient's left,
             rows towards the feet).
     """
@@ -90,6 +95,7 @@ class XRayGeometry:
     photometric: str | None = None
     inverted: bool = False
     patient_orientation: str | None = None
+    log_applied: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,12 +282,23 @@ def read_xray(path: str | Path, pixel_spacing: float | Sequence[float] | None = 
                 file_spacing = (float(sp[0]), float(sp[1]))
         if file_spacing is not None:
             geom = replace(geom, imager_pixel_spacing=file_spacing)
+    stored = arr  # the pixel values as stored (before any inversion)
     if is_dicom and todo:
         arr = arr.max() + arr.min() - arr
+    elif is_dicom and inverted:  # SimpleITK inverted MONOCHROME1 as 2^BitsStored - 1 - v
+        bits = _meta_float(reader, "0028|0101")
+        stored = (2.0 ** (bits if bits else 16) - 1) - arr
     if invert:
         arr = arr.max() + arr.min() - arr
         inverted = not inverted
     geom = replace(geom, inverted=inverted)
+    if is_dicom and (_meta(reader, TAG_INTENSITY_RELATIONSHIP) or "").upper() == "LIN":
+        # linear in the exposure: the stored values are the exposure (high where little is attenuated; the
+        # photometric interpretation only says how to display them); -log makes them line integrals up to an
+        # offset, like a DRR
+        exposure = np.clip(stored, 0, None)
+        arr = -np.log((exposure + 1.0) / (float(exposure.max()) + 1.0))
+        geom = replace(geom, log_applied=True)
 
     if pixel_spacing is not None:
         try:

@@ -339,3 +339,28 @@ def test_xray_dimensionality(tmp_path):
         io.XRayImage(torch.zeros(2, 3, 4), 1.0)
     with pytest.raises(InputError, match="positive"):
         io.XRayImage(torch.zeros(3, 4), 0.0)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_linear_dicom_gets_the_log_transform(tmp_path, photometric):
+    """PixelIntensityRelationship LIN: the stored values are exposures E of a detector behind a slab of growing
+    thickness (E = E0 exp(-mu x)); the X-ray comes back as -log(E), linear in x and attenuation-positive."""
+    x = np.arange(64, dtype=np.float64)
+    exposure = np.round(4000.0 * np.exp(-0.04 * x)).astype(np.uint16)
+    arr = np.tile(exposure, (8, 1))
+    f = _write_xa(tmp_path / "lin2.dcm", arr, **{"0028|1040": "LIN"})
+    if photometric == "MONOCHROME1":
+        raw = f.read_bytes()
+        f = tmp_path / "lin1.dcm"
+        f.write_bytes(raw.replace(b"MONOCHROME2", b"MONOCHROME1"))
+    xr = io.read_xray(f)
+    assert xr.geometry.log_applied
+    row = xr.image[0].numpy().astype(np.float64)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 only says how to display: the stored exposures, and so the result, are the same
+        assert xr.geometry.inverted
+    assert np.all(np.diff(row) > 0)  # more attenuation along the row
+    slope = np.polyfit(x[:40], row[:40], 1)[0]
+    assert slope == pytest.approx(0.04, rel=0.08)
+    plain = io.read_xray(_write_xa(tmp_path / "log.dcm", arr))
+    assert not plain.geometry.log_applied
