@@ -271,7 +271,7 @@ def _cmd_evaluate(args) -> int:
                                                            "learned.flow_flips": args.flow_flips}),
                       progress=not args.quiet,
                       xray_models=("drr", "physics") if args.xray_model == "both" else (args.xray_model,),
-                      metal=args.metal)
+                      metal=args.metal, mask_field=args.mask_field)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
     _say(paths["summary.md"].read_text(encoding="utf-8"))
@@ -425,6 +425,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--xray-model", choices=("drr", "physics", "both"), default="drr",
                    help=_XRAY_MODEL_HELP + "; both: every case with each, the gap reported per method")
     p.add_argument("--metal", action="store_true", help=_METAL_HELP)
+    p.add_argument("--mask-field", action="store_true",
+                   help="find collimator blades in each X-ray and fill the outside with the field's border before "
+                        "registering (PPCRegistrationLib.xray_field)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)

@@ -36,6 +36,7 @@ from .physics_simulation import describe as describe_physics
 from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig, registration_surface
 from .simulation import ViewSampler, XRayVariation, make_case
 from .volume import Volume
+from .xray_field import detect_field, fill_outside
 
 __all__ = ["evaluate", "write_report", "summary_markdown", "summarize_cases", "SUMMARY_KEYS", "AVAILABLE_METHODS",
            "ORACLE", "join_results", "read_result"]
@@ -85,7 +86,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None, xray_models: Sequence[str] = ("drr",),
-             metal: bool = False) -> dict:
+             metal: bool = False, mask_field: bool = False) -> dict:
     """Run the evaluation protocol (docs/design.md §6) on one CT.
 
     Args:
@@ -120,6 +121,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
             (:mod:`.physics_simulation`, for testing only).  Methods on the physics X-ray are reported as
             ``<method>@physics`` and compared with the same method on the DRR X-ray, paired.
         metal: the physics X-rays have metal in the field in a random half of the cases.
+        mask_field: find collimator blades in every X-ray (:func:`.xray_field.detect_field`, from the image alone)
+            and fill the outside with the field's border (:func:`.xray_field.fill_outside`) before registering.
     Returns:
         ``{"config": {...}, "cases": [per-case records], "summary": {...}}``; the summary has ``"initial"``
         (statistics of the initial mTRE) and ``"methods"``: for each method ``"one_update"`` and ``"final"``
@@ -203,6 +206,11 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
             img, info = physics.simulate(case.projection, case.T_gt, case.xray_seed)
             cases["physics"] = dataclasses.replace(case, xray=img)
             rec["physics"] = describe_physics(info)
+        if mask_field:
+            for x, c in cases.items():
+                box = detect_field(c.xray)
+                cases[x] = dataclasses.replace(c, xray=fill_outside(c.xray, box))
+                rec.setdefault("field_box", {})[x] = list(box)
         for (m, x), key in zip(runs, keys):
             rec["methods"][key] = _run_method(ct, cases[x], roi, cfg, resolved[m], surface, renderer)
         records.append(rec)
@@ -214,7 +222,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
 
     summary = summarize_cases(records, keys)
     return {
-        "config": {"methods": keys, "xray_models": xray_models, "metal": bool(metal), "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
+        "config": {"methods": keys, "xray_models": xray_models, "metal": bool(metal), "mask_field": bool(mask_field),
+                   "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),
                    "flow_flips": int(cfg.learned.flow_flips),

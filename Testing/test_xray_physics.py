@@ -208,3 +208,39 @@ def test_evaluate_reports_the_simulator_gap(lumbar_l3, one_torch_thread):
                  progress=False)
     with pytest.raises(InputError, match="unknown X-ray model"):
         evaluate(ct, roi, n_cases=1, xray_models=("deepdrr",), renderer=renderer, surface=surface, progress=False)
+
+
+def test_collimator_blades_are_found_and_filled(lumbar_l3, tmp_path_factory):
+    """On collimated physics X-rays of the lumbar CT the field found from the image alone overlaps the simulator's
+    field (IoU > 0.8); the training simulator's uncollimated X-rays and the real RG1 radiograph keep the whole
+    image; the fill leaves no step at the field's edge and does not modify its input."""
+    from PPCRegistrationLib.io import read_xray
+    from PPCRegistrationLib.sample_data import fetch_radiograph
+    from PPCRegistrationLib.simulation import ViewSampler, make_case
+    from PPCRegistrationLib.xray_field import detect_field, field_mask, fill_outside
+
+    ct, _, renderer, surface = lumbar_l3
+    targets = surface.points.detach().cpu().to(torch.float64)
+    sim = PhysicsSimulator(ct, variation=PhysicsVariation(collimation_p=1.0))
+    for seed in range(4):
+        case = make_case(renderer, targets, seed, (5.0, 10.0), ViewSampler(detector_size_px=128))
+        img, info = sim.simulate(case.projection, case.T_gt, case.xray_seed)
+        box = detect_field(img)
+        found, truth = field_mask(img.shape, box), info["field_mask"]
+        assert float((found & truth).sum() / (found | truth).sum()) > 0.8, (seed, box)
+        assert detect_field(case.xray) == (0, 0, 128, 128)
+        before = img.clone()
+        filled = fill_outside(img, box)
+        assert torch.equal(img, before)
+        u0, v0, u1, v1 = box
+        assert torch.equal(filled[v0 + 2:v1 - 2, u0 + 2:u1 - 2], img[v0 + 2:v1 - 2, u0 + 2:u1 - 2])
+        if v0 > 0:  # above the field: each column repeats the field's first row
+            assert torch.equal(filled[0], filled[v0 + 2])
+    try:  # the same cache as test_io.py's
+        path = fetch_radiograph(cache_dir=tmp_path_factory.getbasetemp() / "ppcreg-sample-cache", progress=False)
+    except Exception as exc:  # no network / registry
+        pytest.skip(f"sample radiograph unavailable: {exc}")
+    rg1 = read_xray(path, pixel_spacing=0.2)
+    assert detect_field(rg1.image) == (0, 0, rg1.width, rg1.height)
+    with pytest.raises(InputError, match="too small"):
+        fill_outside(torch.rand(32, 32), (10, 10, 14, 14))
