@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .simulation import _uniform
 from .xray_physics import material_density
 
 __all__ = ["Cylinder", "chord_lengths", "random_implants", "random_instrument"]
@@ -86,10 +87,6 @@ def _random_unit(gen: torch.Generator) -> torch.Tensor:
     return v / torch.linalg.norm(v)
 
 
-def _u(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
-
-
 def random_implants(anchor: torch.Tensor, gen: torch.Generator) -> list[Cylinder]:
     """Metal in the patient around ``anchor (M, 3)`` (mm, CT frame; e.g. the vertebra's surface points):
     1-2 pairs of titanium pedicle screws (shaft 6.5 mm x 35-45 mm, head 11 mm x 12 mm) entering from near the
@@ -107,14 +104,14 @@ def random_implants(anchor: torch.Tensor, gen: torch.Generator) -> list[Cylinder
             entry = centre + sign * (base - centre) + 4.0 * side
             axis = centre - entry
             axis = axis / torch.linalg.norm(axis).clamp_min(1e-6)
-            length = _u(gen, 35.0, 45.0)
+            length = _uniform(gen, 35.0, 45.0)
             tip = entry + length * axis
             objects.append(Cylinder(tuple(entry.tolist()), tuple(tip.tolist()), 3.25, "titanium"))
             head_end = entry - 12.0 * axis
             objects.append(Cylinder(tuple(head_end.tolist()), tuple(entry.tolist()), 5.5, "titanium"))
     if float(torch.rand((), generator=gen)) < 0.5:
         d = _random_unit(gen)
-        length = _u(gen, 150.0, 250.0)
+        length = _uniform(gen, 150.0, 250.0)
         mid = centre + (torch.rand(3, generator=gen, dtype=torch.float64) * 2 - 1) * 20.0
         objects.append(Cylinder(tuple((mid - d * length / 2).tolist()), tuple((mid + d * length / 2).tolist()),
                                 1.0, "iron"))
@@ -130,11 +127,11 @@ def random_instrument(source: torch.Tensor, detector_centre: torch.Tensor, field
     beam = dc - s
     sdd = float(torch.linalg.norm(beam))
     beam = beam / sdd
-    at = dc - beam * sdd * _u(gen, 0.05, 0.15)
+    at = dc - beam * sdd * _uniform(gen, 0.05, 0.15)
     across = torch.linalg.cross(beam, _random_unit(gen))
     across = across / torch.linalg.norm(across).clamp_min(1e-6)
-    offset = torch.linalg.cross(beam, across) * _u(gen, -0.25, 0.25) * field_mm
-    length = _u(gen, 120.0, 200.0)
+    offset = torch.linalg.cross(beam, across) * _uniform(gen, -0.25, 0.25) * field_mm
+    length = _uniform(gen, 120.0, 200.0)
     tip = at + offset - across * length / 2
     end = at + offset + across * length / 2
     grip_end = end + across * 60.0

@@ -30,7 +30,7 @@ from .drr import DRRRenderer, _pixel_grid, _rays_in_ct
 from .errors import InputError
 from .foreign_objects import Cylinder, chord_lengths, random_implants, random_instrument
 from .geometry import Projection
-from .simulation import _gaussian_blur
+from .simulation import _gaussian_blur, _uniform
 from .volume import Volume
 from .xray_physics import MATERIALS, Spectrum, hu_to_densities, material_density
 
@@ -77,10 +77,6 @@ class PhysicsVariation:
     log_p: float = 0.5
     metal_p: float = 0.5
     instrument_p: float = 0.5
-
-
-def _u(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
 
 
 def _coin(gen: torch.Generator, p: float) -> bool:
@@ -139,16 +135,16 @@ class PhysicsSimulator:
     def draw(self, proj: Projection, seed: int) -> dict:
         """The parameters of one image (deterministic per ``seed``): a dict of plain values and the objects."""
         v, gen = self.variation, torch.Generator().manual_seed(int(seed))
-        p = {"kvp": _u(gen, *v.kvp), "al_mm": _u(gen, *v.al_mm), "cu_mm": _u(gen, *v.cu_mm), "spr": _u(gen, *v.spr),
-             "scatter_sigma_mm": _u(gen, *v.scatter_sigma_mm), "heel": _u(gen, *v.heel),
-             "heel_axis": int(torch.randint(0, 4, (), generator=gen)), "photons": math.exp(_u(gen, *map(math.log, v.photons))),
-             "psf_px": _u(gen, *v.psf_px), "glare": _u(gen, *v.glare), "glare_px": _u(gen, *v.glare_px),
-             "gain_sd": _u(gen, *v.gain_sd), "electronic_noise": _u(gen, *v.electronic_noise),
+        p = {"kvp": _uniform(gen, *v.kvp), "al_mm": _uniform(gen, *v.al_mm), "cu_mm": _uniform(gen, *v.cu_mm), "spr": _uniform(gen, *v.spr),
+             "scatter_sigma_mm": _uniform(gen, *v.scatter_sigma_mm), "heel": _uniform(gen, *v.heel),
+             "heel_axis": int(torch.randint(0, 4, (), generator=gen)), "photons": math.exp(_uniform(gen, *map(math.log, v.photons))),
+             "psf_px": _uniform(gen, *v.psf_px), "glare": _uniform(gen, *v.glare), "glare_px": _uniform(gen, *v.glare_px),
+             "gain_sd": _uniform(gen, *v.gain_sd), "electronic_noise": _uniform(gen, *v.electronic_noise),
              "bits": int(v.bits[int(torch.randint(0, len(v.bits), (), generator=gen))]),
              "collimated": _coin(gen, v.collimation_p), "log": _coin(gen, v.log_p),
              "noise_seed": int(torch.randint(0, 2**31 - 1, (), generator=gen))}
-        fr = [_u(gen, *v.collimation_fraction) for _ in range(2)]
-        shift = [_u(gen, -0.5, 0.5) * (1 - f) for f in fr]
+        fr = [_uniform(gen, *v.collimation_fraction) for _ in range(2)]
+        shift = [_uniform(gen, -0.5, 0.5) * (1 - f) for f in fr]
         p["field"] = [fr[0], fr[1], shift[0], shift[1]]  # open fraction (u, v) and centre shift (fraction)
         objects: list[Cylinder] = []
         p["metal"] = bool(self.metal and _coin(gen, v.metal_p))
