@@ -65,11 +65,14 @@ def field_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> torch.
 
 
 def fill_outside(image: torch.Tensor, box: tuple[int, int, int, int], *, inset_px: int = 2) -> torch.Tensor:
-    """A copy of ``image (H, W)`` whose pixels outside the field box (shrunk by ``inset_px``, to drop the blades'
-    blurred edge) take the value of the nearest field pixel.  The input is not modified."""
+    """A copy of ``image (H, W)`` whose pixels outside the field box take the value of the nearest field pixel.
+
+    The sides where the box is inside the image (a blade) are moved in by ``inset_px`` to drop the blade's blurred
+    edge; a box covering the whole image changes nothing.  The input is not modified."""
     h, w = image.shape
     u0, v0, u1, v1 = box
-    u0, v0, u1, v1 = u0 + inset_px, v0 + inset_px, u1 - inset_px, v1 - inset_px
+    u0, v0 = u0 + (inset_px if u0 > 0 else 0), v0 + (inset_px if v0 > 0 else 0)
+    u1, v1 = u1 - (inset_px if u1 < w else 0), v1 - (inset_px if v1 < h else 0)
     if u1 - u0 < 4 or v1 - v0 < 4:
         raise InputError(f"the exposed field {box} is too small to register (fewer than 4 pixels across)")
     rows = torch.arange(h, device=image.device).clamp(v0, v1 - 1)

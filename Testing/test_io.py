@@ -364,3 +364,16 @@ def test_linear_dicom_gets_the_log_transform(tmp_path, photometric):
     assert slope == pytest.approx(0.04, rel=0.08)
     plain = io.read_xray(_write_xa(tmp_path / "log.dcm", arr))
     assert not plain.geometry.log_applied
+
+
+def test_real_radiograph_downsampled_to_the_registration_grid(radiograph_path):
+    """RG1 (1955 x 1841 px CR, no spacing tag) on a registration grid: block means, spacing scaled, input kept."""
+    x = io.read_xray(radiograph_path, pixel_spacing=0.2)
+    y = x.downsampled(512)
+    assert (y.height, y.width) == (1955 // 4, 1841 // 4)
+    assert torch.allclose(y.pixel_spacing, torch.tensor([0.8, 0.8], dtype=torch.float64))
+    assert float(y.image[10, 20]) == pytest.approx(float(x.image[40:44, 80:84].mean()), rel=1e-5)
+    assert x.image.shape == (1955, 1841)
+    assert x.downsampled(2000) is x
+    with pytest.raises(InputError, match="at least 8"):
+        x.downsampled(4)

@@ -139,3 +139,24 @@ def test_bad_inputs_leave_the_case_and_a_real_dicom_xa_loads(wf, lumbar_ct_path,
     uv = wf.case.projection.project(torch.tensor(iso)[None, None])[0, 0]
     assert np.allclose(uv.numpy(), [63.5, 47.5], atol=1e-6)  # the vertebra at the image centre
     assert not case.xrayNode.GetScene()  # the previous X-ray was replaced, not kept beside it
+
+
+def test_real_radiograph_loads_on_the_registration_grid(wf, lumbar_ct_path, lumbar_labels_path, tmp_path_factory):
+    """The real CR chest radiograph RG1 (1955 x 1841 px, MONOCHROME1, no spacing or C-arm tags) with the values a
+    user types: averaged down to the registration grid, its geometry from that grid, bone bright."""
+    from PPCRegistrationLib import sample_data
+    from PPCRegistrationLib.xray_io import REGISTRATION_GRID_PX
+
+    try:  # the same cache as test_io.py's
+        rg1 = sample_data.fetch_radiograph(cache_dir=tmp_path_factory.getbasetemp() / "ppcreg-sample-cache",
+                                           progress=False)
+    except Exception as exc:  # no network / registry
+        pytest.skip(f"sample radiograph unavailable: {exc}")
+    wf.loadCT(lumbar_ct_path, lumbar_labels_path)
+    wf.setVertebra("L3")
+    with pytest.raises(WorkflowError, match="pixel spacing"):
+        wf.loadXray(rg1)
+    wf.loadXray(rg1, 0.2, sddMM=1800.0, sidMM=1700.0, primaryDeg=0.0, secondaryDeg=0.0)
+    proj = wf.case.projection
+    assert (proj.height, proj.width) == (1955 // 4, 1841 // 4) and max(proj.height, proj.width) <= REGISTRATION_GRID_PX
+    assert torch.allclose(proj.pixel_spacing[0], torch.tensor([0.8, 0.8], dtype=torch.float64))

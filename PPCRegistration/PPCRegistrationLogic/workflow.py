@@ -184,19 +184,23 @@ class Workflow:
         """A real X-ray (PNG, NRRD, DICOM, ...).  Its geometry comes from the DICOM C-arm tags (angles,
         distances, pixel spacing), aimed at the region of interest's centre; values given here replace or
         supply them (a PNG has none).  An image without them is refused with the list of what is missing.
-        No ground truth: the mTRE is not shown."""
+        No ground truth: the mTRE is not shown.  A large image (a radiograph) is averaged down to the registration
+        grid (``XRayImage.downsampled``), and collimator blades are filled with the field's border
+        (``xray_field``) so that neither the matching nor the similarity sees their edges."""
         from PPCRegistrationLib.errors import PPCError
+        from PPCRegistrationLib.xray_field import detect_field, fill_outside
         from PPCRegistrationLib.xray_io import projection_from_xray, read_xray
 
         self._requireCT()
         p = self._readable(Path(path), "xray")
         try:
-            xray = read_xray(p, pixelSpacingMM)
+            xray = read_xray(p, pixelSpacingMM).downsampled()
             projection = projection_from_xray(xray, self.roiCentreWorld(), "RAS", sdd=sddMM, sid=sidMM,
                                               primary_deg=primaryDeg, secondary_deg=secondaryDeg)
+            image = fill_outside(xray.image, detect_field(xray.image))
         except PPCError as exc:
             raise WorkflowError(str(exc)) from exc
-        self._setCase(xray.image.numpy(), projection, np.eye(4), None, f"X-ray {p.name}")
+        self._setCase(image.numpy(), projection, np.eye(4), None, f"X-ray {p.name}")
         return self.case.description
 
     def simulate(self, initialMTREMM: float = 10.0, primaryDeg: float = 20.0, secondaryDeg: float = 5.0,
