@@ -195,11 +195,16 @@ def test_evaluate_reports_the_simulator_gap(lumbar_l3, one_torch_thread):
     ct, roi, renderer, surface = lumbar_l3
     res = evaluate(ct, roi, methods=["classic"], n_cases=2, seed=5, mtre_range=(2.0, 4.0), iterations=1,
                    detector_px=96, renderer=renderer, surface=surface, progress=False,
-                   xray_models=("drr", "physics"), metal=True)
+                   xray_models=("drr", "physics"), metal=True, mask_field=True)
     assert res["config"]["methods"] == ["classic", "classic@physics"] and res["config"]["metal"]
+    assert res["config"]["mask_field"]
     for rec in res["cases"]:
         assert set(rec["methods"]) == {"classic", "classic@physics"}
         assert 70 <= rec["physics"]["kvp"] <= 120 and isinstance(rec["physics"]["objects"], list)
+        # the field found in each X-ray: (nearly) the whole image of the uncollimated DRR X-ray (the end of the CT's
+        # scan range is a straight edge across it too)
+        u0, v0, u1, v1 = rec["field_box"]["drr"]
+        assert (u1 - u0) * (v1 - v0) >= 0.9 * 96 * 96 and len(rec["field_box"]["physics"]) == 4
     pair = res["summary"]["paired"][0]
     assert (pair["a"], pair["b"]) == ("classic@physics", "classic")
     assert "classic@physics" in summary_markdown(res)
