@@ -51,8 +51,8 @@ class PhysicsVariation:
     heel: relative intensity change from edge to centre along the anode-cathode axis.  photons: detected photons
     per pixel behind the field's centre (automatic exposure control).  psf_px, glare, glare_px: scintillator blur
     (Gaussian core sigma, fraction and sigma of the wide tail).  gain_sd: residual gain non-uniformity (relative
-    s.d. of a smooth field).  electronic_noise: s.d. relative to the exposure-controlled signal behind the field's centre (a
-    fixed detector dose).  bits: ADC depth (one
+    s.d. of a smooth field).  electronic_noise: s.d. relative to the exposure-controlled signal behind the field's
+    centre (a fixed detector dose).  bits: ADC depth (one
     of 12, 14, 16).  collimation_p / collimation_fraction: probability of visible collimator blades and the
     open fraction of the field along each axis.  log_p: probability that the log transform is applied (else the
     image is linear in the detected intensity).  metal_p: probability of metal in the field when metal is asked
@@ -114,7 +114,8 @@ class PhysicsSimulator:
                 self._renderers[m] = DRRRenderer.from_values(self.ct.with_data(dens[m]), device=self.device)
 
     # -- mechanism
-    def mass_thickness(self, proj: Projection, T: torch.Tensor, objects: list[Cylinder] = ()) -> dict[str, torch.Tensor]:
+    def mass_thickness(self, proj: Projection, T: torch.Tensor,
+                       objects: list[Cylinder] = ()) -> dict[str, torch.Tensor]:
         """Mass thickness (g/cm^2) of each material on every pixel of the CT moved by ``T (4, 4)``, plus objects.
 
         Returns ``{material: (H, W) float64}`` (CT materials, then the objects' metals).
@@ -124,7 +125,8 @@ class PhysicsSimulator:
         if objects:
             pix = _pixel_grid(proj.height, proj.width, torch.device("cpu"))
             proj64 = proj.to("cpu", torch.float64)
-            rays = {True: _rays_in_ct(proj64, T), False: _rays_in_ct(proj64, torch.eye(4, dtype=torch.float64)[None])}
+            rays = {True: _rays_in_ct(proj64, T),  # objects in the patient move with it, the others do not
+                    False: _rays_in_ct(proj64, torch.eye(4, dtype=torch.float64)[None])}
             for obj in objects:
                 c, D = rays[obj.attached]
                 dirs = pix @ D[0].T
@@ -135,11 +137,13 @@ class PhysicsSimulator:
     def draw(self, proj: Projection, seed: int) -> dict:
         """The parameters of one image (deterministic per ``seed``): a dict of plain values and the objects."""
         v, gen = self.variation, torch.Generator().manual_seed(int(seed))
-        p = {"kvp": _uniform(gen, *v.kvp), "al_mm": _uniform(gen, *v.al_mm), "cu_mm": _uniform(gen, *v.cu_mm), "spr": _uniform(gen, *v.spr),
-             "scatter_sigma_mm": _uniform(gen, *v.scatter_sigma_mm), "heel": _uniform(gen, *v.heel),
-             "heel_axis": int(torch.randint(0, 4, (), generator=gen)), "photons": math.exp(_uniform(gen, *map(math.log, v.photons))),
-             "psf_px": _uniform(gen, *v.psf_px), "glare": _uniform(gen, *v.glare), "glare_px": _uniform(gen, *v.glare_px),
-             "gain_sd": _uniform(gen, *v.gain_sd), "electronic_noise": _uniform(gen, *v.electronic_noise),
+        p = {"kvp": _uniform(gen, *v.kvp), "al_mm": _uniform(gen, *v.al_mm), "cu_mm": _uniform(gen, *v.cu_mm),
+             "spr": _uniform(gen, *v.spr), "scatter_sigma_mm": _uniform(gen, *v.scatter_sigma_mm),
+             "heel": _uniform(gen, *v.heel), "heel_axis": int(torch.randint(0, 4, (), generator=gen)),
+             "photons": math.exp(_uniform(gen, *map(math.log, v.photons))),
+             "psf_px": _uniform(gen, *v.psf_px), "glare": _uniform(gen, *v.glare),
+             "glare_px": _uniform(gen, *v.glare_px), "gain_sd": _uniform(gen, *v.gain_sd),
+             "electronic_noise": _uniform(gen, *v.electronic_noise),
              "bits": int(v.bits[int(torch.randint(0, len(v.bits), (), generator=gen))]),
              "collimated": _coin(gen, v.collimation_p), "log": _coin(gen, v.log_p),
              "noise_seed": int(torch.randint(0, 2**31 - 1, (), generator=gen))}
@@ -152,10 +156,10 @@ class PhysicsSimulator:
             objects = random_implants(self.anchor, gen)
             if _coin(gen, v.instrument_p):
                 proj64 = proj.to("cpu", torch.float64)
-                c, D = _rays_in_ct(proj64, torch.eye(4, dtype=torch.float64)[None])
-                centre_px = torch.tensor([(proj.width - 1) / 2, (proj.height - 1) / 2, 1.0], dtype=torch.float64)
-                det = c[0] + D[0] @ centre_px * float(proj64.sdd[0])
-                objects += random_instrument(c[0], det, float(proj64.pixel_spacing[0, 0]) * proj.width, gen)
+                centre_uv = torch.tensor([[[(proj.width - 1) / 2, (proj.height - 1) / 2]]], dtype=torch.float64)
+                det = proj64.detector_pixel_world(centre_uv)[0, 0]
+                objects += random_instrument(proj64.source[0], det, float(proj64.pixel_spacing[0, 0]) * proj.width,
+                                             gen)
         p["objects"] = objects
         return p
 

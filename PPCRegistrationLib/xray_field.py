@@ -2,9 +2,9 @@
 
 A collimator blade or a black/white border band is a long straight edge that no DRR has; left in, it attracts the
 2D matching and weighs in the gradient similarity.  :func:`detect_field` finds the rectangle inside the straight
-steps across the image near its borders; :func:`fill_outside` replaces everything outside it by the nearest pixel of the field (replication), so
-that no gradient crosses the field's edge and every consumer of the image (pre-alignment, matching, similarity,
-refinement, learned matchers) ignores the outside without knowing of a mask.
+steps across the image near its borders; :func:`fill_outside` replaces everything outside it by the nearest pixel
+of the field (replication), so that no gradient crosses the field's edge and every consumer of the image
+(pre-alignment, matching, similarity, refinement, learned matchers) ignores the outside without knowing of a mask.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _edge_from_start(x: torch.Tensor, limit: int, threshold: float) -> int:
     return k + 1 if float(step[k]) > threshold else 0
 
 
-def detect_field(image: torch.Tensor, *, threshold: float = 0.08, max_fraction: float = 0.35) -> tuple[int, int, int, int]:
+def detect_field(image: torch.Tensor, *, threshold: float = 0.08,
+                 max_fraction: float = 0.35) -> tuple[int, int, int, int]:
     """The exposed field ``(u0, v0, u1, v1)`` (pixels, end exclusive) inside collimator blades or border bands.
 
     On each side a blade's edge is a straight step across the whole image: the row (column) whose median step to

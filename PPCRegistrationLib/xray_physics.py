@@ -126,9 +126,7 @@ class Spectrum:
         """The spectrum behind ``thickness_mm`` of ``material`` (its NIST density unless ``density`` g/cm^3)."""
         if not (thickness_mm >= 0 and math.isfinite(thickness_mm)):
             raise InputError(f"a filter thickness must be >= 0 mm, got {thickness_mm}")
-        rho = _FILTER_DENSITY.get(material) if density is None else float(density)
-        if rho is None:
-            raise InputError(f"no density known for filter material {material!r}: give density=")
+        rho = material_density(material) if density is None else float(density)
         mu = attenuation_table().mu_rho(material, self.energies_kev) * rho  # 1/cm
         return Spectrum(self.energies_kev, self.photons * torch.exp(-mu * thickness_mm / 10.0), self.bin_kev)
 
