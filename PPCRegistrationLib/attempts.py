@@ -42,7 +42,8 @@ class RefineAndRestart:
                                          iterations=int(cfg.refine.thorough_iterations if thorough
                                                         else cfg.refine.iterations),
                                          highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
-                                         margin_px=int(cfg.matching.window_margin_px))
+                                         margin_px=int(cfg.matching.window_margin_px),
+                                         appearance=cfg.refine.appearance)
         T = self._refine_start
         refiner = self._refiner
         done = refiner.advance(int(cfg.refine.iterations_per_update) or None, lambda: self.stop_requested)
@@ -68,8 +69,9 @@ class RefineAndRestart:
         if res.accepted:
             self.T = T_new
             self.best_T = T_new.clone()
+            chain = "".join(f", {k.removesuffix('_px')} {v:.2f}" for k, v in res.appearance.items())
             message = (f"intensity refinement at {sigma:g} px: gradient correlation {res.similarity_before:.4f} -> "
-                       f"{res.similarity_after:.4f} ({res.evaluations} renders)")
+                       f"{res.similarity_after:.4f} ({res.evaluations} renders{chain})")
         else:
             self.T = T.clone()  # (partial updates may have shown other poses)
             message = f"intensity refinement at {sigma:g} px kept the estimate: {res.message}"

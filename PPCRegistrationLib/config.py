@@ -12,7 +12,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import InputError
-from .refine import DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX, DEFAULT_SOLVERS, SOLVERS
+from .refine import APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX, DEFAULT_SOLVERS, SOLVERS
 
 __all__ = ["REFINE", "STATUSES", "Status", "MatchingSettings", "SolverSettings", "GuardSettings", "PrealignSettings",
            "RefineSettings", "RestartSettings", "LearnedSettings", "RegistrationConfig", "IterationState",
@@ -185,6 +185,9 @@ class RefineSettings:
         once more, thoroughly: L-BFGS on every scale at full detector resolution, this many iterations per scale
         (0 = off); the registration keeps the best-correlating result.  The fast schedule's coarse grids cost
         capture on hard cases: on 15 lumbar cases the fast refinement lost, full-resolution L-BFGS rescued 4.
+    appearance: the imaging chain's parameters the Levenberg-Marquardt scale estimates with the pose
+        (:data:`~PPCRegistrationLib.refine.APPEARANCE`: ``"blur"``, the X-ray's point-spread function, and
+        ``"gamma"``, its contrast curve; see :class:`~PPCRegistrationLib.refine.PoseRefiner`).
     """
 
     iterations: int = DEFAULT_ITERATIONS
@@ -195,8 +198,13 @@ class RefineSettings:
     blur_px: float = 0.75
     iterations_per_update: int = 0
     thorough_iterations: int = 20
+    appearance: tuple[str, ...] = APPEARANCE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "appearance", tuple(str(x) for x in self.appearance))
+        if not set(self.appearance) <= set(APPEARANCE):
+            raise InputError(f"the refinement can estimate {', '.join(APPEARANCE)} of the imaging chain with the pose, "
+                             f"got {self.appearance}")
         if self.iterations < 0 or (self.iterations and (not self.sigmas_px or any(
                 not (float(x) > 0) for x in self.sigmas_px))):
             raise InputError("the refinement's iterations must be >= 0 and its sigmas_px positive scales (pixels), "

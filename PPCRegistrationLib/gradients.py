@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["image_gradient"]
+__all__ = ["image_gradient", "gaussian_blur"]
 
 
 def _gaussian_kernels(sigma: float, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,3 +53,17 @@ def image_gradient(img: torch.Tensor, sigma_px: float = 1.0) -> torch.Tensor:
     du = F.conv2d(F.conv2d(xp, deriv.view(1, 1, 1, n)), smooth.view(1, 1, n, 1))
     dv = F.conv2d(F.conv2d(xp, smooth.view(1, 1, 1, n)), deriv.view(1, 1, n, 1))
     return torch.cat([du, dv], 1)
+
+
+def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """``(B, H, W)`` images blurred by a separable Gaussian of ``sigma_px`` pixels (replicated borders; 0 returns
+    the input)."""
+    if not (sigma_px >= 0 and math.isfinite(sigma_px)):
+        raise InputError(f"sigma_px must be >= 0 (pixels), got {sigma_px}")
+    if sigma_px == 0:
+        return img
+    smooth, _ = _gaussian_kernels(float(sigma_px), img.dtype, img.device)
+    n = smooth.numel()
+    r = n // 2
+    xp = F.pad(img[:, None], (r, r, r, r), mode="replicate")
+    return F.conv2d(F.conv2d(xp, smooth.view(1, 1, 1, n)), smooth.view(1, 1, n, 1))[:, 0]

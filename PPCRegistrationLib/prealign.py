@@ -12,10 +12,22 @@ from .drr import DRRRenderer
 from .geometry import Projection, crop_projection, so3_exp, transform_points, translation_matrix
 from .gradients import image_gradient
 
-__all__ = ["prealign", "PREALIGN_SIGMA_PX"]
+__all__ = ["prealign", "PREALIGN_SIGMA_PX", "cross_correlation"]
 
 #: Gaussian scale (detector pixels) of the gradient images the pre-alignment correlates
 PREALIGN_SIGMA_PX = 2.0
+
+
+def cross_correlation(image: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """The valid cross-correlation of ``image (C, H, W)`` with ``template (C, h, w)`` summed over the channels:
+    ``(H - h + 1, W - w + 1)``, what ``conv2d(image[None], template[None])`` computes, through the FFT (float64):
+    a 65 x 65 search of a 100 x 100 px template costs ~4 ms instead of ~100 ms."""
+    H, W = image.shape[-2:]
+    h, w = template.shape[-2:]
+    x = torch.fft.rfft2(image.double(), s=(H, W))
+    t = torch.fft.rfft2(template.double(), s=(H, W))
+    full = torch.fft.irfft2((x * t.conj()).sum(0), s=(H, W))
+    return full[:H - h + 1, :W - w + 1].to(image.dtype)
 
 
 def prealign(renderer: DRRRenderer, proj: Projection, xray_gradient: torch.Tensor, T: torch.Tensor,
@@ -54,9 +66,9 @@ def prealign(renderer: DRRRenderer, proj: Projection, xray_gradient: torch.Tenso
     sigma = PREALIGN_SIGMA_PX
     xg = xray_gradient[0, :, v0 - S:v1 + S + 1, u0 - S:u1 + S + 1]  # (2, th+2S, tw+2S)
     th, tw = v1 - v0 + 1, u1 - u0 + 1
-    ones = torch.ones(1, 2, th, tw, dtype=xg.dtype, device=xg.device)
-    s1 = torch.nn.functional.conv2d(xg[None], ones)[0, 0]
-    s2 = torch.nn.functional.conv2d((xg * xg)[None], ones)[0, 0]
+    ones = torch.ones(2, th, tw, dtype=xg.dtype, device=xg.device)
+    s1 = cross_correlation(xg, ones)
+    s2 = cross_correlation(xg * xg, ones)
     var = (s2 - s1 * s1 / (2 * th * tw)).clamp_min(1e-12)
     hb, wb = big.shape[1:]
     vv, uu = torch.meshgrid(torch.arange(hb, dtype=torch.float64), torch.arange(wb, dtype=torch.float64),
@@ -75,7 +87,7 @@ def prealign(renderer: DRRRenderer, proj: Projection, xray_gradient: torch.Tenso
         rot = torch.nn.functional.grid_sample(big[None], grid, align_corners=True, padding_mode="border")[0]
         tg = image_gradient(rot, sigma_px=sigma)[0][:, m:m + th, m:m + tw]
         tg = tg - tg.mean(dim=(1, 2), keepdim=True)
-        num = torch.nn.functional.conv2d(xg[None], tg[None])[0, 0]  # (2S+1, 2S+1)
+        num = cross_correlation(xg, tg)  # (2S+1, 2S+1)
         ncc = num / torch.sqrt(var * (tg * tg).sum()).clamp_min(1e-12)
         k = int(torch.argmax(ncc))
         dv_i, du_i = divmod(k, ncc.shape[1])

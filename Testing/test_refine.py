@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from PPCRegistrationLib.errors import InputError
-from PPCRegistrationLib.geometry import invert_rigid, rotation_angle_deg, se3_exp, translation_matrix
+from PPCRegistrationLib.geometry import invert_rigid, rotation_angle_deg, se3_exp, transform_points, translation_matrix
 from PPCRegistrationLib.metrics import mrpd, mtre
 from PPCRegistrationLib.refine import PoseRefiner, gradient_correlation, highpass, refine_pose
 from PPCRegistrationLib.registration import REFINE, Registration, RegistrationConfig
@@ -241,3 +241,46 @@ def test_refinement_in_small_pieces_for_the_gui(lumbar):
     assert len(refine) > len(cfg.refine.sigmas_px)  # several updates per scale
     assert all(st.seconds < 10 for st in refine)
     assert float(mtre(res.T, case.T_gt, pts)) < 1.0
+
+
+def test_the_imaging_chain_estimated_with_the_pose_removes_the_depth_bias_of_a_blurred_xray(lumbar):
+    """A noise-free X-ray blurred by 1.5 px with a contrast curve (gamma 0.8): held at the default blur (0.75 px) the
+    DRR's edges are sharper than the X-ray's and the finest scale's optimum moves along the beam; estimated with the
+    pose, blur and gamma are found and the depth error shrinks."""
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    chain = XRayVariation(photons=(0, 0), blur_px=(1.5, 1.5), gamma=(0.8, 0.8), scatter=(0, 0))
+    case = make_case(renderer, pts, 11, (0, 1), variation=chain)
+    ray, c = _ray(case, pts)
+    T0 = translation_matrix(2.0 * ray) @ case.T_gt
+
+    def depth(T):
+        return abs(float((transform_points(T, c[None])[0] - c) @ ray))
+
+    fixed = refine_pose(renderer, case.xray, case.projection, T0, pts)
+    res = refine_pose(renderer, case.xray, case.projection, T0, pts, appearance=("blur", "gamma"))
+    assert res.accepted and set(res.appearance) == {"blur_px", "gamma"} and not fixed.appearance
+    assert abs(res.appearance["blur_px"] - 1.5) < 0.35, res.appearance
+    assert 0.6 < res.appearance["gamma"] < 1.0, res.appearance
+    print("depth error (mm): blur and gamma estimated", depth(res.T), "held", depth(fixed.T))
+    assert depth(res.T) < 0.5 * depth(fixed.T) and depth(res.T) < 0.6, (depth(res.T), depth(fixed.T))
+    with pytest.raises(InputError, match="blur, gamma"):
+        PoseRefiner(renderer, case.xray, case.projection, T0, pts, appearance=("noise",))
+
+
+def test_refine_settings_name_the_imaging_chain_parameters():
+    assert RegistrationConfig().refine.appearance == ("blur", "gamma")
+    assert RegistrationConfig().updated({"refine.appearance": []}).refine.appearance == ()
+    with pytest.raises(InputError, match="blur, gamma"):
+        RegistrationConfig().updated({"refine.appearance": ["blur", "noise"]})
+
+
+def test_the_prealignment_correlation_by_fft_equals_the_direct_one():
+    from PPCRegistrationLib.prealign import cross_correlation
+
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 60, 75, generator=g), torch.randn(2, 31, 40, generator=g)
+    direct = torch.nn.functional.conv2d(x[None], t[None])[0, 0]
+    fft = cross_correlation(x, t)
+    assert fft.shape == direct.shape == (30, 36)
+    assert torch.allclose(fft, direct, atol=1e-4 * float(direct.abs().max()))
