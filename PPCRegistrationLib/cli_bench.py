@@ -158,12 +158,13 @@ def _cmd_bench(args) -> int:
         r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine.sigmas_px,
                         grids_px=cfg.refine.grids_px, solvers=cfg.refine.solvers, iterations=cfg.refine.iterations,
                         highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
-                        margin_px=cfg.matching.window_margin_px)
+                        margin_px=cfg.matching.window_margin_px, appearance=cfg.refine.appearance)
         evals.append(r.evaluations)
 
     _say("")
     _say(f"intensity refinement (refine.refine_pose: at most {cfg.refine.iterations} iterations per scale, scales "
-         f"{cfg.refine.sigmas_px} px on grids {cfg.refine.grids_px}, solvers {cfg.refine.solvers})")
+         f"{cfg.refine.sigmas_px} px on grids {cfg.refine.grids_px}, solvers {cfg.refine.solvers}, imaging chain "
+         f"estimated: {', '.join(cfg.refine.appearance) or 'none'})")
     for sigma, grid in zip(cfg.refine.sigmas_px, cfg.refine.grids_px):
         pr = PoseRefiner(renderer, reg.xray, reg.projection, T, P0, sigma_px=sigma, grid_px=grid, iterations=1)
         _say(f"{f'one batch of 7 DRRs at {sigma:g} px (grid {grid})':<40} "

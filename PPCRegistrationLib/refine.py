@@ -34,17 +34,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .drr import DRRRenderer
 from .errors import InputError
-from .geometry import (Projection, coarsen_projection, crop_projection, se3_exp, transform_points,
-                       translation_matrix)
-from .gradients import gaussian_blur, image_gradient
+from .geometry import Projection, se3_exp, transform_points, translation_matrix
+from .similarity import (BLUR_RANGE_PX, SimilarityWindow, gradient_correlation, highpass, pose_similarity,
+                         refine_window)
 
 __all__ = ["gradient_correlation", "highpass", "RefineResult", "SimilarityWindow", "PoseRefiner", "refine_pose",
-           "refine_window", "pose_similarity", "DEFAULT_SIGMAS_PX", "DEFAULT_GRIDS_PX", "DEFAULT_ITERATIONS", "DEFAULT_SOLVERS",
-           "GradientRefiner", "grid_for_scale", "make_refiner"]
+           "refine_window", "pose_similarity", "DEFAULT_SIGMAS_PX", "DEFAULT_GRIDS_PX", "DEFAULT_ITERATIONS",
+           "DEFAULT_SOLVERS", "GradientRefiner", "grid_for_scale", "make_refiner", "APPEARANCE", "GAMMA_RANGE"]
 
 #: the refinement's gradient scales (detector pixels), coarse to fine
 DEFAULT_SIGMAS_PX: tuple[float, ...] = (6.0, 3.0, 1.5)
@@ -74,42 +73,12 @@ DEFAULT_FD_STEP = 0.01
 
 #: the imaging chain's parameters :class:`PoseRefiner` can estimate with the pose (``RefineSettings.appearance``)
 APPEARANCE = ("blur", "gamma")
-#: their bounds: the DRR's total blur (detector pixels) and the exponent of its contrast curve
-BLUR_RANGE_PX = (0.0, 3.0)
+#: the bounds of the contrast exponent (the blur's: :data:`~PPCRegistrationLib.similarity.BLUR_RANGE_PX`)
 GAMMA_RANGE = (0.5, 2.0)
 
 #: scale of the optimised parameters: one unit = 0.02 rad of rotation or 2 mm of translation, so that a unit
 #: step moves the points of a vertebra-sized region by about as much in either
 _PARAM_SCALE = (0.02, 0.02, 0.02, 2.0, 2.0, 2.0)
-
-
-def highpass(grad: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Remove the smooth part of images ``(B, C, H, W)``: ``x - G_sigma * x`` (replicated borders).
-
-    ``sigma_px <= 0`` returns the input."""
-    if sigma_px <= 0:
-        return grad
-    r = max(1, int(math.ceil(3 * sigma_px)))
-    x = torch.arange(-r, r + 1, dtype=grad.dtype, device=grad.device)
-    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    k = k / k.sum()
-    b, c, h, w = grad.shape
-    y = F.pad(grad.reshape(b * c, 1, h, w), (r, r, r, r), mode="replicate")
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-    return grad - y.reshape(b, c, h, w)
-
-
-def gradient_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Gradient correlation of gradient images ``a, b (B, 2, H, W)``: ``(B,)`` in [-1, 1], differentiable.
-
-    The mean over the two components of their normalised cross-correlation over the image."""
-    if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 2:
-        raise InputError(f"gradient images must both be (B, 2, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
-    x = a - a.mean(dim=(2, 3), keepdim=True)
-    y = b - b.mean(dim=(2, 3), keepdim=True)
-    num = (x * y).sum(dim=(2, 3))
-    den = torch.sqrt((x * x).sum(dim=(2, 3)) * (y * y).sum(dim=(2, 3))).clamp_min(1e-20)
-    return (num / den).mean(-1)
 
 
 @dataclass
@@ -131,116 +100,6 @@ class RefineResult:
     #: the imaging chain's parameters estimated with the pose (``{"blur_px": ..., "gamma": ...}``, see
     #: :class:`PoseRefiner`; empty when none were)
     appearance: dict = field(default_factory=dict)
-
-
-def refine_window(projection: Projection, points_world: torch.Tensor, margin_px: int) -> tuple[int, int, int, int]:
-    """Detector window ``(u0, v0, width, height)`` around the projection of ``points_world (N, 3)`` plus
-    ``margin_px``, clipped to the detector.
-
-    Raises:
-        InputError: the points project outside the detector (nothing to compare)."""
-    uv = projection.project(points_world[None].to(projection.K.dtype))[0]
-    if not torch.isfinite(uv).all():
-        raise InputError("the region of interest does not project onto the detector: cannot refine")
-    h, w = projection.height, projection.width
-    u0 = int(max(0, math.floor(float(uv[:, 0].min())) - margin_px))
-    v0 = int(max(0, math.floor(float(uv[:, 1].min())) - margin_px))
-    u1 = int(min(w - 1, math.ceil(float(uv[:, 0].max())) + margin_px))
-    v1 = int(min(h - 1, math.ceil(float(uv[:, 1].max())) + margin_px))
-    if u1 - u0 < 8 or v1 - v0 < 8:
-        raise InputError("the region of interest projects (almost) outside the detector: cannot refine")
-    return u0, v0, u1 - u0 + 1, v1 - v0 + 1
-
-
-
-
-def _normalised(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient images ``(B, 2, h, w)`` -> ``(B, 2, h w)`` with each component centred and scaled to unit norm, and
-    ``(B, 2, 1)`` whether the component is flat (then 0)."""
-    x = (g - g.mean(dim=(2, 3), keepdim=True)).flatten(2)
-    n = torch.sqrt((x * x).sum(-1, keepdim=True))
-    flat = ~(n > 1e-20)
-    return torch.where(flat, torch.zeros_like(x), x / n.clamp_min(1e-20)), flat
-
-
-class SimilarityWindow:
-    """The gradient correlation of DRRs with the X-ray in the detector window around a region, at one scale.
-
-    The window is the projection of ``points`` at ``T`` plus ``margin_px``; it is rendered with a padding and the
-    gradients are cropped after smoothing, like the X-ray's (docs/design.md §4.3: no border bias), on a detector
-    grid ``grid_px`` times coarser than the X-ray's (smoothing ``sigma_px / grid_px`` rendered pixels).  The X-ray's
-    gradients are computed once at full resolution and sampled at the rendered pixels.
-
-    Args:
-        projection: C-arm geometry, batch 1; xray: ``(H, W)`` its image (attenuation-positive).
-        T: ``(4, 4)`` the pose that places the window; points: ``(N, 3)`` region points (CT frame, mm).
-        sigma_px, highpass_px, blur_px, margin_px: scale, high-pass filter, DRR blur (of its transmitted
-            intensity) and margin (detector pixels).
-        grid_px: detector pixels per rendered pixel (1 = full resolution).
-    Raises:
-        InputError: a bad X-ray or scale, or the region projects outside the detector.
-    """
-
-    def __init__(self, projection: Projection, xray: torch.Tensor, T: torch.Tensor, points: torch.Tensor, *,
-                 sigma_px: float, highpass_px: float, blur_px: float, margin_px: int, grid_px: int = 1) -> None:
-        if xray.ndim != 2 or tuple(xray.shape) != (projection.height, projection.width):
-            raise InputError(f"the X-ray must be (H, W) = {(projection.height, projection.width)}, got "
-                             f"{tuple(xray.shape)}")
-        if not (sigma_px > 0) or int(grid_px) < 1:
-            raise InputError("refinement needs a positive scale (pixels) and a grid of at least one detector pixel")
-        dev = xray.device
-        proj = projection.to(dev, torch.float64)
-        u0, v0, ww, wh = refine_window(proj, transform_points(T.to(dev, torch.float64), points.to(dev, torch.float64)),
-                                       int(margin_px))
-        f = int(grid_px)
-        self.sigma, self.blur, self.highpass, self.grid = float(sigma_px), float(blur_px), float(highpass_px), f
-        pad = int(math.ceil(3 * math.sqrt(self.sigma ** 2 + max(self.blur, BLUR_RANGE_PX[1]) ** 2
-                                          + self.highpass ** 2))) + 2
-        pc = -(-pad // f)  # the padding in rendered pixels
-        wc, hc = -(-ww // f), -(-wh // f)
-        self.projection = coarsen_projection(
-            crop_projection(proj, u0 - pc * f, v0 - pc * f, (wc + 2 * pc) * f, (hc + 2 * pc) * f), f)
-        self._crop = (pc, hc, wc)
-        self.window = (u0, v0, ww, wh)
-        # the X-ray's gradients at full resolution on a padded crop (borders replicated), sampled at the rendered
-        # pixels (detector pixel f * j of the window).  (Sampling the X-ray first and filtering it as the DRRs, so
-        # that both alias alike, rescued 1 of 4 lumbar cases the coarse grids lose and lost another.)
-        x = xray.to(torch.float32)
-        H, W = x.shape
-        rows = torch.arange(v0 - pad, v0 + hc * f + pad, device=dev).clamp(0, H - 1)
-        cols = torch.arange(u0 - pad, u0 + wc * f + pad, device=dev).clamp(0, W - 1)
-        g = highpass(image_gradient(x[rows][:, cols][None], sigma_px=self.sigma), self.highpass)
-        self.xray_gradient = g[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]  # (1, 2, hc, wc)
-        self._xn = _normalised(self.xray_gradient)[0]
-
-    def drr_gradient(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0) -> torch.Tensor:
-        """``(B, h, w)`` DRRs of :attr:`projection` -> their cropped, filtered gradients ``(B, 2, hc, wc)``.
-
-        ``blur_px`` (detector pixels) replaces the window's DRR blur and ``gamma`` raises the DRR to that power first
-        (the imaging chain's contrast curve): the nuisance parameters :class:`PoseRefiner` can estimate."""
-        pc, hc, wc = self._crop
-        f = self.grid
-        blur = self.blur if blur_px is None else float(blur_px)
-        if blur > 0:  # the detector blurs the transmitted intensity, not its logarithm
-            drr = -torch.log(gaussian_blur(torch.exp(-drr), blur / f).clamp_min(1e-30))
-        if gamma != 1.0:
-            drr = drr.clamp_min(0) ** gamma
-        g = image_gradient(drr, sigma_px=self.sigma / f)
-        return highpass(g, self.highpass / f)[:, :, pc:pc + hc, pc:pc + wc]
-
-    def residual(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0) -> torch.Tensor:
-        """``(B, M)`` normalised-gradient differences of DRRs ``(B, h, w)`` and the X-ray, ``|r|^2 = 4 (1 - GC)``; a
-        flat DRR component (the CT out of the window) counts as uncorrelated (NCC 0).  ``blur_px``, ``gamma``: see
-        :meth:`drr_gradient`."""
-        d, flat = _normalised(self.drr_gradient(drr, blur_px, gamma))
-        return torch.where(flat, -math.sqrt(2.0) * self._xn, d - self._xn).flatten(1)
-
-    def similarity(self, drr: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` gradient correlation of DRRs ``(B, h, w)`` with the X-ray (differentiable)."""
-        g = self.drr_gradient(drr)
-        flat = ~(g.detach().abs().flatten(1).amax(-1) > 0)
-        return torch.where(flat, torch.zeros(g.shape[0], dtype=g.dtype, device=g.device),
-                           gradient_correlation(g, self.xray_gradient.expand_as(g)))
 
 
 class _ScaleRefiner:
@@ -503,7 +362,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
                 grids_px: tuple[int, ...] | None = None, solvers: tuple[str, ...] | None = None,
                 iterations: int = DEFAULT_ITERATIONS,
                 highpass_px: float = 4.0, blur_px: float = 0.75, margin_px: int = 24,
-                should_stop: Callable[[], bool] | None = None, appearance: tuple[str, ...] = ()) -> RefineResult:
+                should_stop: Callable[[], bool] | None = None, appearance: tuple[str, ...] = APPEARANCE) -> RefineResult:
     """Refine a pose by maximising the gradient correlation of DRR and X-ray (see the module docstring).
 
     Args:
@@ -525,7 +384,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         margin_px: margin (pixels) of the window around the projected region.
         should_stop: polled at every iteration; True ends the refinement with the best pose found so far.
         appearance: the imaging chain's parameters the Levenberg-Marquardt scales estimate with the pose (see
-            :class:`PoseRefiner`).
+            :class:`PoseRefiner`; default both, as the registration's ``RefineSettings.appearance``; ``()`` = none).
     Returns:
         :class:`RefineResult`: ``similarity_before`` at the first scale, ``similarity_after`` at the last scale
         run; accepted when any scale was; ``evaluations`` counts every DRR rendered; ``appearance`` the estimate of
@@ -555,19 +414,3 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
                         similarity_before=results[0].similarity_before, similarity_after=results[-1].similarity_after,
                         evaluations=sum(x.evaluations for x in results), seconds=time.perf_counter() - t0,
                         message=results[-1].message, appearance=dict(chain))
-
-
-@torch.no_grad()
-def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
-                    points: torch.Tensor, *, sigma_px: float = 1.5, highpass_px: float = 4.0, blur_px: float = 0.75,
-                    margin_px: int = 24, grid_px: int = 1) -> float:
-    """The gradient correlation :func:`refine_pose` maximises, of one pose ``T (4, 4)`` (window around the
-    projected ``points (N, 3)``): comparable between poses of the same X-ray.  One render.
-
-    Raises:
-        InputError: the points project outside the detector."""
-    dev = renderer.device
-    T = torch.as_tensor(T, dtype=torch.float64, device=dev)
-    win = SimilarityWindow(projection, xray.to(dev), T, points, sigma_px=sigma_px, highpass_px=highpass_px,
-                           blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
-    return float(win.similarity(renderer.render(win.projection, T[None]))[0])

@@ -257,7 +257,7 @@ def test_the_imaging_chain_estimated_with_the_pose_removes_the_depth_bias_of_a_b
     def depth(T):
         return abs(float((transform_points(T, c[None])[0] - c) @ ray))
 
-    fixed = refine_pose(renderer, case.xray, case.projection, T0, pts)
+    fixed = refine_pose(renderer, case.xray, case.projection, T0, pts, appearance=())
     res = refine_pose(renderer, case.xray, case.projection, T0, pts, appearance=("blur", "gamma"))
     assert res.accepted and set(res.appearance) == {"blur_px", "gamma"} and not fixed.appearance
     assert abs(res.appearance["blur_px"] - 1.5) < 0.35, res.appearance
