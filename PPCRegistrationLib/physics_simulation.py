@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .drr import DRRRenderer, _pixel_grid, _rays_in_ct
+from .drr import DRRRenderer
+from .rays import _pixel_grid, _rays_in_ct
 from .errors import InputError
 from .foreign_objects import Cylinder, chord_lengths, random_implants, random_instrument
 from .geometry import Projection
