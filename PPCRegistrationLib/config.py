@@ -12,7 +12,8 @@ import torch
 
 from .devices import resolve_device
 from .errors import InputError
-from .refine import APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX, DEFAULT_SOLVERS, SOLVERS
+from .refine import (APPEARANCE, DEFAULT_APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX,
+                     DEFAULT_SOLVERS, SOLVERS)
 
 __all__ = ["REFINE", "STATUSES", "Status", "MatchingSettings", "SolverSettings", "GuardSettings", "PrealignSettings",
            "RefineSettings", "RestartSettings", "LearnedSettings", "RegistrationConfig", "IterationState",
@@ -186,8 +187,9 @@ class RefineSettings:
         (0 = off); the registration keeps the best-correlating result.  The fast schedule's coarse grids cost
         capture on hard cases: on 15 lumbar cases the fast refinement lost, full-resolution L-BFGS rescued 4.
     appearance: the imaging chain's parameters the Levenberg-Marquardt scale estimates with the pose
-        (:data:`~PPCRegistrationLib.refine.APPEARANCE`: ``"blur"``, the X-ray's point-spread function, and
-        ``"gamma"``, its contrast curve; see :class:`~PPCRegistrationLib.refine.PoseRefiner`).
+        (:data:`~PPCRegistrationLib.refine.APPEARANCE`: ``"blur"``, the X-ray's point-spread function, ``"gamma"``,
+        its contrast curve, and ``"response"``, the detector's output curve from logarithmic to linear; see
+        :class:`~PPCRegistrationLib.refine.PoseRefiner`).
     """
 
     iterations: int = DEFAULT_ITERATIONS
@@ -198,7 +200,7 @@ class RefineSettings:
     blur_px: float = 0.75
     iterations_per_update: int = 0
     thorough_iterations: int = 20
-    appearance: tuple[str, ...] = APPEARANCE
+    appearance: tuple[str, ...] = DEFAULT_APPEARANCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "appearance", tuple(str(x) for x in self.appearance))

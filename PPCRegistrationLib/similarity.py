@@ -17,10 +17,12 @@ from .geometry import Projection, coarsen_projection, crop_projection, transform
 from .gradients import gaussian_blur, image_gradient
 
 __all__ = ["gradient_correlation", "highpass", "SimilarityWindow", "refine_window", "pose_similarity",
-           "BLUR_RANGE_PX"]
+           "BLUR_RANGE_PX", "RESPONSE_RANGE"]
 
 #: the bounds of the DRR's blur (detector pixels) when it is estimated (:class:`~PPCRegistrationLib.refine.PoseRefiner`)
 BLUR_RANGE_PX = (0.0, 3.0)
+#: the bounds of the detector's output curve (:meth:`SimilarityWindow.drr_gradient`: 0 = log, 1 = linear)
+RESPONSE_RANGE = (-0.5, 1.5)
 
 
 def highpass(grad: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -133,26 +135,35 @@ class SimilarityWindow:
         self.xray_gradient = g[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]  # (1, 2, hc, wc)
         self._xn = _normalised(self.xray_gradient)[0]
 
-    def drr_gradient(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0) -> torch.Tensor:
+    def drr_gradient(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
+                     response: float = 0.0) -> torch.Tensor:
         """``(B, h, w)`` DRRs of :attr:`projection` -> their cropped, filtered gradients ``(B, 2, hc, wc)``.
 
-        ``blur_px`` (detector pixels) replaces the window's DRR blur and ``gamma`` raises the DRR to that power first
-        (the imaging chain's contrast curve): the nuisance parameters :class:`PoseRefiner` can estimate."""
+        The nuisance parameters :class:`~PPCRegistrationLib.refine.PoseRefiner` can estimate: ``blur_px``
+        (detector pixels) replaces the window's blur of the transmitted intensity ``I = exp(-DRR)``; ``response``
+        is the detector's output curve ``(1 - I^response) / response`` (0 = the logarithm ``-log I``, 1 = an image
+        linear in the intensity); ``gamma`` raises the result to that power (a contrast curve)."""
         pc, hc, wc = self._crop
         f = self.grid
         blur = self.blur if blur_px is None else float(blur_px)
-        if blur > 0:  # the detector blurs the transmitted intensity, not its logarithm
-            drr = -torch.log(gaussian_blur(torch.exp(-drr), blur / f).clamp_min(1e-30))
+        lam = float(response)
+        if blur > 0 or lam != 0.0:  # the detector blurs the transmitted intensity, not its logarithm
+            inten = torch.exp(-drr)
+            if blur > 0:
+                inten = gaussian_blur(inten, blur / f)
+            inten = inten.clamp_min(1e-30)
+            drr = -torch.log(inten) if abs(lam) < 1e-6 else (1.0 - inten ** lam) / lam
         if gamma != 1.0:
             drr = drr.clamp_min(0) ** gamma
         g = image_gradient(drr, sigma_px=self.sigma / f)
         return highpass(g, self.highpass / f)[:, :, pc:pc + hc, pc:pc + wc]
 
-    def residual(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0) -> torch.Tensor:
+    def residual(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
+                 response: float = 0.0) -> torch.Tensor:
         """``(B, M)`` normalised-gradient differences of DRRs ``(B, h, w)`` and the X-ray, ``|r|^2 = 4 (1 - GC)``; a
-        flat DRR component (the CT out of the window) counts as uncorrelated (NCC 0).  ``blur_px``, ``gamma``: see
-        :meth:`drr_gradient`."""
-        d, flat = _normalised(self.drr_gradient(drr, blur_px, gamma))
+        flat DRR component (the CT out of the window) counts as uncorrelated (NCC 0).  ``blur_px``, ``gamma``,
+        ``response``: see :meth:`drr_gradient`."""
+        d, flat = _normalised(self.drr_gradient(drr, blur_px, gamma, response))
         return torch.where(flat, -math.sqrt(2.0) * self._xn, d - self._xn).flatten(1)
 
     def similarity(self, drr: torch.Tensor) -> torch.Tensor:

@@ -264,14 +264,15 @@ def test_the_imaging_chain_estimated_with_the_pose_removes_the_depth_bias_of_a_b
     assert 0.6 < res.appearance["gamma"] < 1.0, res.appearance
     print("depth error (mm): blur and gamma estimated", depth(res.T), "held", depth(fixed.T))
     assert depth(res.T) < 0.5 * depth(fixed.T) and depth(res.T) < 0.6, (depth(res.T), depth(fixed.T))
-    with pytest.raises(InputError, match="blur, gamma"):
+    with pytest.raises(InputError, match="blur, gamma, response"):
         PoseRefiner(renderer, case.xray, case.projection, T0, pts, appearance=("noise",))
 
 
 def test_refine_settings_name_the_imaging_chain_parameters():
     assert RegistrationConfig().refine.appearance == ("blur", "gamma")
     assert RegistrationConfig().updated({"refine.appearance": []}).refine.appearance == ()
-    with pytest.raises(InputError, match="blur, gamma"):
+    assert RegistrationConfig().updated({"refine.appearance": ["response"]}).refine.appearance == ("response",)
+    with pytest.raises(InputError, match="blur, gamma, response"):
         RegistrationConfig().updated({"refine.appearance": ["blur", "noise"]})
 
 
@@ -284,3 +285,28 @@ def test_the_prealignment_correlation_by_fft_equals_the_direct_one():
     fft = cross_correlation(x, t)
     assert fft.shape == direct.shape == (30, 36)
     assert torch.allclose(fft, direct, atol=1e-4 * float(direct.abs().max()))
+
+
+def test_an_xray_linear_in_the_intensity_is_registered_through_the_estimated_detector_response(lumbar):
+    """A detector image without the log transform (``1 - I``, as half the physics simulator's X-rays and raw detector
+    data): the refinement's DRR is a logarithm; estimated, the detector's response curve is found (about 1) and the
+    depth error is gone, held at the logarithm it stays."""
+    from PPCRegistrationLib.gradients import gaussian_blur
+
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    case = make_case(renderer, pts, 11, (0, 1), variation=XRayVariation.none())
+    line = renderer.render(case.projection, case.T_gt[None])
+    xray = (1.0 - gaussian_blur(torch.exp(-line.double()), 1.0))[0].float()
+    ray, c = _ray(case, pts)
+    T0 = translation_matrix(2.0 * ray) @ case.T_gt
+
+    def depth(T):
+        return abs(float((transform_points(T, c[None])[0] - c) @ ray))
+
+    held = refine_pose(renderer, xray, case.projection, T0, pts, appearance=("blur",))
+    res = refine_pose(renderer, xray, case.projection, T0, pts, appearance=("blur", "response"))
+    assert set(res.appearance) == {"blur_px", "response"}
+    assert abs(res.appearance["response"] - 1.0) < 0.25 and abs(res.appearance["blur_px"] - 1.0) < 0.3, res.appearance
+    print("depth error (mm): response estimated", depth(res.T), "held at log", depth(held.T))
+    assert depth(res.T) < 0.3 and depth(res.T) < 0.5 * depth(held.T), (depth(res.T), depth(held.T))
