@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .drr import DRRRenderer
-from .rays import _pixel_grid, _rays_in_ct
 from .errors import InputError
 from .foreign_objects import Cylinder, chord_lengths, random_implants, random_instrument
 from .geometry import Projection
+from .rays import _pixel_grid, _rays_in_ct
 from .simulation import _gaussian_blur, _uniform
 from .volume import Volume
 from .xray_physics import MATERIALS, Spectrum, hu_to_densities, material_density
