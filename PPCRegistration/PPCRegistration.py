@@ -37,7 +37,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 # from the library) so that the GUI can be built before torch is installed.  The learned ones need a model file
 # (default Resources/Models/<learned>.pt shipped with the module); "+ classic" runs learned updates first, then
 # classic refinement.
-METHOD_LABELS = [("classic", "Classic PPC"), ("flow", "Flow"), ("ppc-flow", "PPC Flow"),
+METHOD_LABELS = [("classic", "Classic PPC"), ("learned", "Learned operator (alone)"), ("flow", "Flow"), ("ppc-flow", "PPC Flow"),
                  ("ppc-flow-attention", "PPC Flow Attention"), ("flow+classic", "Flow + classic refinement"),
                  ("ppc-flow+classic", "PPC Flow + classic refinement"),
                  ("ppc-flow-attention+classic", "PPC Flow Attention + classic refinement")]
@@ -227,6 +227,8 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._timer = None
         self._running = False
+        self._adaptJob = None
+        self._adaptTimer = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -263,6 +265,11 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.connect("clicked(bool)", self.onRun)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.resetButton.connect("clicked(bool)", self.onReset)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdapt)
+        self.ui.adaptCancelButton.connect("clicked(bool)", self.onAdaptCancel)
+        self._adaptTimer = qt.QTimer()
+        self._adaptTimer.setInterval(500)
+        self._adaptTimer.connect("timeout()", self.onAdaptTick)
         self.ui.showInViewsButton.connect("clicked(bool)", self.onShowInViews)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         for checkBox in (self.ui.showContour2DCheckBox, self.ui.showContour3DCheckBox, self.ui.showFlowCheckBox,
@@ -273,6 +280,8 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.stopTimer()
+        if self._adaptJob is not None:
+            self._adaptJob.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -459,6 +468,49 @@ class PPCRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self.updateGUIFromParameterNode()
 
+    # ------------------------------------------------------------------ patient adaptation
+    def onAdapt(self) -> None:
+        """Start "Adapt to this CT": ppcreg adapt in a child process, polled by a timer (the GUI never waits)."""
+        p = self._parameterNode
+        labels = self.ui.adaptLabelsSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay("Could not start the adaptation.", waitCursor=True):
+            self._adaptJob = self.logic.startAdaptation(p.ctVolume, labels, self.ui.adaptVertebraLineEdit.text,
+                                                        budgetS=60.0 * self.ui.adaptBudgetSpinBox.value,
+                                                        model=p.modelPath if p.method == "learned" else None)
+            self.ui.adaptButton.enabled = False
+            self.ui.adaptCancelButton.enabled = True
+            self.ui.adaptProgressBar.value = 0
+            self.ui.adaptStatusLabel.text = "Adapting (the registration stays usable meanwhile) ..."
+            self._adaptTimer.start()
+
+    def onAdaptCancel(self) -> None:
+        if self._adaptJob is not None:
+            self._adaptJob.cancel()
+            self.ui.adaptStatusLabel.text = "Cancelling after the current step (the previous model is kept) ..."
+
+    def onAdaptTick(self) -> None:
+        job = self._adaptJob
+        if job is None:
+            self._adaptTimer.stop()
+            return
+        st = job.poll()
+        self.ui.adaptProgressBar.value = int(100 * st["fraction"])
+        if st["state"] == "running":
+            self.ui.adaptStatusLabel.text = f"Adapting: step {st['step']}. {st['message'][:120]}"
+            return
+        self._adaptTimer.stop()
+        self.ui.adaptButton.enabled = True
+        self.ui.adaptCancelButton.enabled = False
+        if st["state"] == "done" and job.modelPath.exists():
+            self._parameterNode.method = "learned"
+            self._parameterNode.modelPath = str(job.modelPath)
+            self.ui.adaptStatusLabel.text = f"Adapted model: {job.modelPath} (method set to the learned operator)."
+        elif st["state"] == "cancelled":
+            self.ui.adaptStatusLabel.text = "Cancelled: the previous model is kept."
+        else:
+            self.ui.adaptStatusLabel.text = f"The adaptation failed: {st['message']} (log: {job.logPath})"
+        self._adaptJob = None
+
     def onStop(self) -> None:
         if self.logic.session is not None:
             self.logic.session.stop()
@@ -600,6 +652,13 @@ class PPCRegistrationLogic(ScriptedLoadableModuleLogic):
         node = roi if roi is not None and roi.IsA("vtkMRMLLabelMapVolumeNode") else p.ctVolume
         node.GetRASBounds(bounds)
         return np.array([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2])
+
+    @staticmethod
+    def startAdaptation(ctNode, labelsNode, vertebra: str, budgetS: float = 900.0, model: str | None = None):
+        """Start "Adapt to this CT" in a child process (PPCRegistrationLogic.adapt.startAdaptation); returns the job."""
+        from PPCRegistrationLogic import adapt
+
+        return adapt.startAdaptation(ctNode, labelsNode, vertebra, budgetS=budgetS, model=model)
 
     @staticmethod
     def defaultModelPath(method: str) -> str:

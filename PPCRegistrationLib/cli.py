@@ -11,6 +11,8 @@ Subcommands (``ppcreg <command> --help`` for the options of each):
 * ``bench``: timings of the DRR renderer and of the stages of one classic update step.
 * ``make-dataset``: generate (or resume) a split of the learned operator's training data (docs/dataset.md).
 * ``train``: train a learned update operator (also under ``torchrun`` on several GPUs/nodes).
+* ``train-learned``, ``adapt``: the learned operator alone (``learned``) trained on its own trajectories, and its
+  adaptation to one pre-operative CT (:mod:`.cli_learned`).
 
 ``register`` and ``evaluate`` take the methods of :mod:`PPCRegistrationLib.methods`: ``classic``, the learned
 ``flow``, ``ppc-flow``, ``ppc-flow-attention`` (model files, default ``Resources/Models/<learned>.pt``) and the
@@ -34,7 +36,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import __version__, cli_bench, cli_methods, cli_register, cli_train
+from . import __version__, cli_bench, cli_learned, cli_methods, cli_register, cli_train
 from .cli_common import EXIT_ERROR, EXIT_OK, _positive_int, _torch
 from .errors import PPCError
 
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_methods.add_parser(sub)  # methods
     cli_bench.add_parser(sub)  # bench
     cli_train.add_parsers(sub)  # make-dataset, train
+    cli_learned.add_parsers(sub)  # train-learned, adapt
     return parser
 
 

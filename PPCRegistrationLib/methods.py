@@ -6,6 +6,9 @@ chained pipelines ``<learned>+classic`` (docs/design.md §1: "iterate the operat
 ``flow``, ``ppc-flow``,         the learned operator (:class:`~PPCRegistrationLib.networks.LearnedMatcher`
 ``ppc-flow-attention``          from a model file), one plain weighted PPC solve per update as in training,
                                 no pre-alignment: one update is the raw learned operator of Table 1
+``learned``                     the learned normal matcher running alone (:mod:`~PPCRegistrationLib.normal_matcher`,
+                                trained on its own trajectories): its PPC solve as trained, no pre-alignment,
+                                no classic update, no intensity refinement
 ``<learned>+classic``           learned updates first (at most ``learned_steps``, or until a learned update
                                 moves the targets by less than ``switch_mm``), then classic robust updates
                                 for the remaining iterations
@@ -33,11 +36,13 @@ import torch
 
 from .devices import resolve_device
 from .errors import InputError, ModelFileError
+from .model_files import load_model
 from .networks import LEARNED_METHODS, LearnedMatcher, LearnedOperator, operator_from_file
+from .normal_matcher import NORMAL_METHOD, NormalMatcher, NormalMatcherNet
 from .registration import ClassicMatcher, Matcher, Registration, RegistrationConfig
 from .schedule import Attempt, PPCPhase, Schedule, single_schedule
 
-__all__ = ["CLASSIC", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
+__all__ = ["CLASSIC", "NORMAL_METHOD", "LEARNED_METHODS", "CHAINED_METHODS", "ALL_METHODS", "METHOD_LABELS", "LEARNED_SEARCH_PX",
            "DEFAULT_LEARNED_STEPS", "DEFAULT_SWITCH_MM", "learned_search_px", "learned_window_px", "learned_config",
            "normalize_method", "parse_methods", "learned_part", "default_models_dir", "default_model_path",
            "load_operator", "method_config", "Method", "resolve_method", "build_registration",
@@ -47,10 +52,11 @@ CLASSIC = "classic"
 #: ``<learned>+classic`` for every learned operator.
 CHAINED_METHODS = tuple(f"{m}+{CLASSIC}" for m in LEARNED_METHODS)
 #: every method name :func:`resolve_method` accepts (after :func:`normalize_method`).
-ALL_METHODS = (CLASSIC, *LEARNED_METHODS, *CHAINED_METHODS)
+ALL_METHODS = (CLASSIC, NORMAL_METHOD, *LEARNED_METHODS, *CHAINED_METHODS)
 #: names shown to users (Slicer's method menu, report tables).
 METHOD_LABELS = {
     CLASSIC: "Classic PPC",
+    NORMAL_METHOD: "Learned operator (alone)",
     "flow": "Flow",
     "ppc-flow": "PPC Flow",
     "ppc-flow-attention": "PPC Flow Attention",
@@ -105,7 +111,7 @@ def learned_part(method: str) -> str | None:
     """The learned operator a method uses (``"ppc-flow"`` for ``ppc-flow+classic``), None for ``classic``."""
     m = normalize_method(method)
     first = m.split("+")[0]
-    return first if first in LEARNED_METHODS else None
+    return first if first in LEARNED_METHODS or first == NORMAL_METHOD else None
 
 
 def default_models_dir() -> Path:
@@ -123,7 +129,7 @@ def default_model_path(method: str, models_dir: str | Path | None = None) -> Pat
 
 
 def load_operator(method: str, model_path: str | Path | None = None, device: torch.device | str = "cpu",
-                  models_dir: str | Path | None = None) -> tuple[LearnedOperator, dict, Path]:
+                  models_dir: str | Path | None = None) -> tuple[LearnedOperator | NormalMatcherNet, dict, Path]:
     """Load and check the learned operator of a method.
 
     Args:
@@ -146,8 +152,25 @@ def load_operator(method: str, model_path: str | Path | None = None, device: tor
             f"the model file of method {learned!r} was not found: {path} ({where} path). Train one with "
             f"`ppcreg train` (see `ppcreg train --help`) and save it there, or give another file "
             f"(ppcreg: --model / --models-dir; Slicer: the 'Model file' field)")
+    if learned == NORMAL_METHOD:
+        net, meta = load_model(path, "normal_matcher", device)
+        return net, meta, path
     op, meta = operator_from_file(path, device, method=learned)
     return op, meta, path
+
+
+def normal_config(net: NormalMatcherNet, meta: dict | None = None, base: RegistrationConfig | None = None
+                  ) -> RegistrationConfig:
+    """The settings of the learned operator alone (``learned``): the PPC solve it was trained through
+    (``meta["solver"]``: out-of-plane damping and Tikhonov term, default the plain pseudo-inverse 0 / 1e-5), a window
+    of the region's bounding box plus its profiles' reach, no pre-alignment, no refinement."""
+    solver = dict((meta or {}).get("solver", {}))
+    reach = net.search + net.half + 4
+    cfg = method_config(NORMAL_METHOD, base, search_px=float(net.search))
+    return cfg.updated({"solver.kind": str(solver.get("kind", "plain")),
+                        "solver.plain_out_of_plane": float(solver.get("out_of_plane", 0.0)),
+                        "solver.damping_min": float(solver.get("regularization", 1e-5)),
+                        "matching.window_margin_px": int(reach - net.search)})
 
 
 def learned_search_px(operator: LearnedOperator, pixel_spacing_mm: float | None = None) -> float:
@@ -206,7 +229,7 @@ class Method:
     """
 
     name: str
-    operator: LearnedOperator | None = None
+    operator: LearnedOperator | NormalMatcherNet | None = None
     model_path: Path | None = None
     model_meta: dict | None = None
     learned_steps: int = DEFAULT_LEARNED_STEPS
@@ -231,6 +254,8 @@ class Method:
             return ClassicMatcher()
         if self.operator is None:
             raise InputError(f"method {self.name!r} needs its learned operator: use resolve_method()")
+        if isinstance(self.operator, NormalMatcherNet):
+            return NormalMatcher(self.operator)
         return LearnedMatcher(self.operator)
 
     def config(self, base: RegistrationConfig | None = None, pixel_spacing_mm: float | None = None
@@ -239,6 +264,8 @@ class Method:
         reach on a detector of ``pixel_spacing_mm``."""
         if self.operator is None:
             return method_config(self.name, base)
+        if isinstance(self.operator, NormalMatcherNet):
+            return normal_config(self.operator, self.model_meta, base)
         return learned_config(self.operator, base, pixel_spacing_mm)
 
     def schedule(self, base: RegistrationConfig | None = None, pixel_spacing_mm: float | None = None) -> Schedule:
@@ -280,7 +307,7 @@ class Method:
 
 
 def resolve_method(name: str, *, model_path: str | Path | None = None, models_dir: str | Path | None = None,
-                   device: torch.device | str = "cpu", operator: LearnedOperator | None = None,
+                   device: torch.device | str = "cpu", operator: LearnedOperator | NormalMatcherNet | None = None,
                    learned_steps: int = DEFAULT_LEARNED_STEPS, switch_mm: float = DEFAULT_SWITCH_MM,
                    classic_fallback: bool = True) -> Method:
     """A :class:`Method` by name, with its learned operator loaded (and checked) when it has one.
@@ -309,9 +336,10 @@ def resolve_method(name: str, *, model_path: str | Path | None = None, models_di
         return out
     dev = resolve_device(str(device))
     if operator is not None:
-        if getattr(operator, "method", learned) != learned:
-            raise ModelFileError(f"the given operator is a {operator.method!r} model, but method {m!r} needs "
-                                 f"{learned!r}")
+        if isinstance(operator, NormalMatcherNet) != (learned == NORMAL_METHOD) or \
+                getattr(operator, "method", learned) != learned:
+            raise ModelFileError(f"the given operator is a {getattr(operator, 'method', NORMAL_METHOD)!r} model, "
+                                 f"but method {m!r} needs {learned!r}")
         out.operator = operator.to(dev).eval()
         return out
     out.operator, out.model_meta, out.model_path = load_operator(learned, model_path, dev, models_dir)

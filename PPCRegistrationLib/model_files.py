@@ -17,6 +17,7 @@ from .attention import PointNetAttention
 from .errors import InputError, ModelFileError
 from .flownet import FlowNetC
 from .learned_operator import LearnedOperator
+from .normal_matcher import NormalMatcherNet
 
 __all__ = ["save_model", "load_model", "operator_from_file", "state_dict_sha256", "MODEL_FORMAT", "MODEL_VERSION"]
 
@@ -25,7 +26,7 @@ MODEL_VERSION = 1
 
 
 _KINDS: dict[str, type[nn.Module]] = {"flownetc": FlowNetC, "pointnet_attention": PointNetAttention,
-                                      "learned_operator": LearnedOperator}
+                                      "learned_operator": LearnedOperator, "normal_matcher": NormalMatcherNet}
 
 
 def _kind_of(model: nn.Module) -> str:
