@@ -50,17 +50,29 @@ class _Progress:
         print(f"\rstep {step}: {nums}", end="", file=sys.stderr, flush=True)
 
 
-def _stop_flag():
-    """A should_stop callable set by Ctrl-C (SIGINT) or SIGTERM: the run stops after the current step."""
-    state = {"stop": False}
+class _StopOnSignal:
+    """While active, Ctrl-C (SIGINT) or SIGTERM asks the run to stop after its current step (a callable
+    ``should_stop``); the previous handlers come back on exit."""
 
-    def handler(_sig, _frame):
-        state["stop"] = True
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict = {}
+
+    def _handler(self, _sig, _frame) -> None:
+        self.stop = True
         print("\nstopping after this step (the previous model file is kept) ...", file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: state["stop"]
+    def __enter__(self) -> "_StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __call__(self) -> bool:
+        return self.stop
 
 
 def _report(res: dict) -> int:
@@ -86,10 +98,12 @@ def _cmd_train_learned(args) -> int:
         _check_file(p.ct, f"CT of {p.name}")
         _check_file(p.labels, f"label map of {p.name}")
     cfg = TrajectoryConfig(steps=args.steps, time_budget_s=args.budget, out_of_plane=args.out_of_plane,
-                           seed=args.seed)
-    res = train_learned(train, args.val or [], args.out, config=cfg, resume=not args.no_resume,
-                        should_stop=_stop_flag(), progress=_Progress(args.quiet, args.budget, args.steps),
-                        log=_say, init=_check_file(args.init, "--init model"))
+                           ppc_weight=args.ppc_weight, seed=args.seed)
+    with _StopOnSignal() as stop:
+        res = train_learned(train, args.val or [], args.out, config=cfg, resume=not args.no_resume,
+                            val_cases=args.val_cases, should_stop=stop,
+                            progress=_Progress(args.quiet, args.budget, args.steps), log=_say,
+                            init=_check_file(args.init, "--init model"))
     return _report(res)
 
 
@@ -98,9 +112,10 @@ def _cmd_adapt(args) -> int:
     from .methods import default_model_path
 
     init = _check_file(args.model, "--model") if args.model else str(default_model_path("learned"))
-    res = adapt(_check_file(args.ct, "CT"), _check_file(args.labels, "label map"), args.vertebra, args.out,
-                init=init, budget_s=args.budget, val_cases=args.val_cases, resume=not args.no_resume, should_stop=_stop_flag(),
-                progress=_Progress(args.quiet, args.budget, 0), log=_say)
+    with _StopOnSignal() as stop:
+        res = adapt(_check_file(args.ct, "CT"), _check_file(args.labels, "label map"), args.vertebra, args.out,
+                    init=init, budget_s=args.budget, val_cases=args.val_cases, resume=not args.no_resume,
+                    should_stop=stop, progress=_Progress(args.quiet, args.budget, 0), log=_say)
     return _report(res)
 
 
@@ -120,6 +135,11 @@ def add_parsers(sub) -> None:
                    help="time budget in seconds (default 2400)")
     p.add_argument("--out-of-plane", type=_nonneg_float("--out-of-plane"), default=0.0,
                    help="out-of-plane damping of the PPC solve trained through (default 0: the plain pseudo-inverse)")
+    p.add_argument("--ppc-weight", type=_nonneg_float("--ppc-weight"), default=1.0,
+                   help="weight of log(1 + mTRE after the solve) in the loss, beside the displacement's cross-entropy "
+                        "(default 1)")
+    p.add_argument("--val-cases", type=_positive_int("--val-cases"), default=12,
+                   help="validation cases (iterated alone from [0, 20] mm; default 12)")
     p.add_argument("--init", metavar="MODEL.pt", help="fine-tune this model instead of starting afresh")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")

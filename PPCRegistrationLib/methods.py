@@ -150,7 +150,8 @@ def load_operator(method: str, model_path: str | Path | None = None, device: tor
         where = "given" if model_path else "default"
         raise ModelFileError(
             f"the model file of method {learned!r} was not found: {path} ({where} path). Train one with "
-            f"`ppcreg train` (see `ppcreg train --help`) and save it there, or give another file "
+            f"`ppcreg {'train-learned' if learned == NORMAL_METHOD else 'train'}` (see its --help) and save it "
+            f"there, or give another file "
             f"(ppcreg: --model / --models-dir; Slicer: the 'Model file' field)")
     if learned == NORMAL_METHOD:
         net, meta = load_model(path, "normal_matcher", device)

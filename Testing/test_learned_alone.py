@@ -146,3 +146,18 @@ def test_adapt_refuses_bad_inputs(popi_scene, tmp_path):
         adapt(spec.ct, spec.labels, "L3", tmp_path, init=good, budget_s=5)  # POPI holds T1-T10 only
     with pytest.raises(InputError, match="budget"):
         adapt(spec.ct, spec.labels, "T8", tmp_path, init=good, budget_s=0)
+
+
+def test_ppcreg_train_learned_trains_on_one_patient_validates_on_another_and_refuses_the_same(shared_data, tmp_path):
+    from PPCRegistrationLib.cli import main
+
+    popi = f"popi={shared_data / 'popi_thorax' / 'ct.nii.gz'},{shared_data / 'popi_thorax' / 'labels.nii.gz'},T8"
+    lidc = f"lidc={shared_data / 'lidc0314_chest' / 'ct.nii.gz'},{shared_data / 'lidc0314_chest' / 'labels.nii.gz'},T6"
+    out = tmp_path / "run"
+    assert main(["train-learned", "--train", popi, "--val", popi, "--out", str(out), "--steps", "1"]) == 2
+    assert main(["train-learned", "--train", popi, "--val", lidc, "--out", str(out), "--steps", "2", "--val-cases",
+                 "2", "--quiet"]) == 0
+    net, meta = load_model(out / "learned.pt", "normal_matcher")
+    assert meta["steps"] == 2 and meta["validation_patients"][0]["name"] == "lidc"
+    assert meta["validation"]["cases"] == 2 and (out / "learned.curves.csv").is_file()
+    assert main(["methods"]) == 0

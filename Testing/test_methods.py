@@ -18,6 +18,7 @@ from PPCRegistrationLib import methods
 from PPCRegistrationLib.errors import InputError, ModelFileError
 from PPCRegistrationLib.evaluation import SUMMARY_KEYS, evaluate, summary_markdown, write_report
 from PPCRegistrationLib.networks import LearnedMatcher, LearnedOperator, save_model
+from PPCRegistrationLib.normal_matcher import NormalMatcherNet
 from PPCRegistrationLib.registration import Registration, RegistrationConfig
 from PPCRegistrationLib.simulation import ViewSampler, make_case
 from PPCRegistrationLib.geometry import transform_points
@@ -34,6 +35,8 @@ def models_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     for m in methods.LEARNED_METHODS:
         save_model(d / f"{m}.pt", LearnedOperator(m), {"note": "untrained, for tests"})
+    save_model(d / "learned.pt", NormalMatcherNet(), {"note": "untrained, for tests",
+                                                      "solver": {"out_of_plane": 1.0, "regularization": 0.1}})
     return d
 
 
