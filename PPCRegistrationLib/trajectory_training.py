@@ -219,7 +219,7 @@ def unrolled_loss(net: NormalMatcherNet, case: TrainingCase, T0: torch.Tensor, c
         info["n"] += 1
         T = T_new
         visited.append(T.detach().clone())
-        if float(err) > 60.0:
+        if float(err.detach()) > 60.0:
             break
     return total, visited, info
 
@@ -308,7 +308,7 @@ def train_trajectories(net: NormalMatcherNet, scenes: Sequence[Scene], cfg: Traj
             if loss is None:
                 continue
             (loss / cfg.batch).backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             ce.append(info["ce"] / max(info["n"], 1))
             if info["mtre"]:
                 last.append(info["mtre"][-1])

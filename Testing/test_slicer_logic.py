@@ -309,7 +309,7 @@ def test_stop_request_stops_run(lumbar_scenario):
 
 
 def test_methods_offered_by_the_module():
-    assert set(core.METHODS) == {"classic", "flow", "ppc-flow", "ppc-flow-attention", "flow+classic",
+    assert set(core.METHODS) == {"classic", "learned", "flow", "ppc-flow", "ppc-flow-attention", "flow+classic",
                                  "ppc-flow+classic", "ppc-flow-attention+classic"}
     assert core.normalizeMethod("ppc_flow_attention") == "ppc-flow-attention"  # scenes saved by older versions
     cfg = core.makeConfig("ppc-flow", maxIterations=7, device="cpu")

@@ -58,4 +58,10 @@ for m in ppc-flow ppc-flow-attention; do
     --train-split $ALL --iterations "$ARM_ITERATIONS" --lr 1e-4 --init "$RUNS/flow_step4000.pt" &
 done
 wait
+# 4. the learned operator alone (method `learned`, docs/design.md 5.4): the normal matcher trained on its own unrolled
+#    trajectories through the damped PPC solve, on two training patients, validated on the third (never the lumbar
+#    test patient); one CPU core, 2,700 s.  Shipped: learned.pt with its card and curves.
+"$PPCREG" train-learned --train sample --train popi_thorax --val lidc0314_chest --out "$RUNS/learned" \
+  --out-of-plane 0.1 --budget 2700
 echo "models: $RUNS/{flow,ppc-flow,ppc-flow-attention}/model_last.pt (copy them to Resources/Models/<method>.pt)"
+echo "        $RUNS/learned/learned.{pt,md,curves.csv} (copy them to Resources/Models/)"
