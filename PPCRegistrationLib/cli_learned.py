@@ -112,9 +112,10 @@ def _cmd_adapt(args) -> int:
     from .methods import default_model_path
 
     init = _check_file(args.model, "--model") if args.model else str(default_model_path("learned"))
+    extra = {} if args.val_cases is None else {"val_cases": args.val_cases}
     with _StopOnSignal() as stop:
         res = adapt(_check_file(args.ct, "CT"), _check_file(args.labels, "label map"), args.vertebra, args.out,
-                    init=init, budget_s=args.budget, val_cases=args.val_cases, resume=not args.no_resume,
+                    init=init, budget_s=args.budget, resume=not args.no_resume, **extra,
                     should_stop=stop, progress=_Progress(args.quiet, args.budget, 0), log=_say)
     return _report(res)
 
@@ -159,8 +160,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", metavar="MODEL.pt", help="the model to adapt (default the shipped learned.pt)")
     p.add_argument("--budget", type=_nonneg_float("--budget"), default=900.0, metavar="S",
                    help="time budget in seconds (default 900: 15 minutes)")
-    p.add_argument("--val-cases", type=_positive_int("--val-cases"), default=8,
-                   help="validation cases of this CT (seeds disjoint from the evaluation's; default 8)")
+    p.add_argument("--val-cases", type=_positive_int("--val-cases"), default=None,
+                   help="validation cases of this CT, the starting model scored too (seeds disjoint from the "
+                        "evaluation's; default learned_recipe.ADAPT_VAL_CASES, 16)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_adapt)

@@ -31,7 +31,7 @@ from .simulation import random_initial_transform
 from .trajectory_training import Scene, TrajectoryConfig, iterate, make_training_case, train_trajectories
 
 __all__ = ["PatientSpec", "load_scenes", "held_out_cases", "score", "train_learned", "adapt", "SUCCESS_MM",
-           "ADAPT_SEED", "DEFAULT_ADAPT_BUDGET_S"]
+           "ADAPT_SEED", "DEFAULT_ADAPT_BUDGET_S", "ADAPT_LR", "ADAPT_VAL_CASES"]
 
 #: success: final mTRE below this (mm), as in the evaluation protocol
 SUCCESS_MM = 2.0
@@ -40,6 +40,11 @@ SUCCESS_MM = 2.0
 ADAPT_SEED = 7_000_003
 #: default time budget of a patient adaptation (s): 15 minutes on one CPU core
 DEFAULT_ADAPT_BUDGET_S = 900.0
+#: learning rate of a patient adaptation: 3e-4 wrecked the trained model within 50 steps on the lumbar CT (its
+#: validation median went from 6.5 mm to 45-107 mm); 3e-5 fine-tunes it (README, "The learned operator alone")
+ADAPT_LR = 3e-5
+#: validation cases of a patient adaptation (8 could not tell a better model from a lucky one)
+ADAPT_VAL_CASES = 16
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ def train_learned(train: Sequence[PatientSpec], val: Sequence[PatientSpec], out:
     res = train_trajectories(net, scenes, cfg, validate=validate if vcases else None, validate_every=val_every,
                              progress=progress, should_stop=should_stop,
                              optimizer_state=ckpt.get("optimizer") if ckpt else None, start_step=start,
-                             on_checkpoint=on_ckpt)
+                             validate_start=init is not None and ckpt is None, on_checkpoint=on_ckpt)
     seconds = time.perf_counter() - t0 + (float(ckpt.get("seconds", 0.0)) if ckpt else 0.0)
     if res["stopped"] == "cancelled":
         _atomic_save({"state": net.state_dict(), "hparams": net.hparams, "step": res["steps_done"],
@@ -238,13 +243,15 @@ def train_learned(train: Sequence[PatientSpec], val: Sequence[PatientSpec], out:
     os.replace(tmp, model_path)
     _model_card(out / f"{name}.md", meta)
     _write_curves(res["curves"], out / f"{name}.curves.csv")
-    log(f"wrote {model_path} (best validation at step {res['best_step']})")
+    log(f"wrote {model_path} (best validation at step {res['best_step']}"
+        + (": the starting weights, no step validated better)" if init is not None and res["best_step"] == start
+           and vcases else ")"))
     return {"status": "done", "model": model_path, "best": meta["validation"], "steps": res["steps_done"],
             "meta": meta}
 
 
 def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | Path,
-          budget_s: float = DEFAULT_ADAPT_BUDGET_S, neighbours: int = 1, steps: int = 100000, val_cases: int = 8,
+          budget_s: float = DEFAULT_ADAPT_BUDGET_S, neighbours: int = 1, steps: int = 100000, val_cases: int = ADAPT_VAL_CASES,
           config: TrajectoryConfig | None = None, resume: bool = True,
           should_stop: Callable[[], bool] | None = None, progress: Callable[[int, dict], None] | None = None,
           log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
@@ -252,7 +259,9 @@ def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | P
     vertebrae on each side, random views and poses) for at most ``budget_s`` seconds, validated on cases of the
     same CT (``val_cases`` of them) drawn from :data:`ADAPT_SEED` (disjoint from the evaluation's case seeds).  Writes
     ``<out>/learned.pt`` and its model card; a cancelled run leaves an existing one intact (see
-    :func:`train_learned`)."""
+    :func:`train_learned`).  The model ``init`` itself is validated first: when no fine-tuned state validates
+    better, the written model has its weights (``best_step`` 0 in the card), so an adaptation never returns a model
+    that does worse on its validation cases than the one it started from."""
     from . import io
     from .sample_data import vertebra_label_id
 
@@ -262,13 +271,24 @@ def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | P
         raise InputError(f"the adaptation's time budget must be > 0 s, got {budget_s}")
     names = _neighbouring_vertebrae(io.read_label_map(labels), vertebra, neighbours)
     vertebra_label_id(vertebra)
-    spec = PatientSpec(Path(ct).stem, str(ct), str(labels), tuple(names))
-    cfg = replace(config or TrajectoryConfig(lr=3e-4, pool=24, refresh_every=2, max_points=256, unroll=2),
+    spec = PatientSpec(_ct_name(ct), str(ct), str(labels), tuple(names))
+    cfg = replace(config or TrajectoryConfig(lr=ADAPT_LR, pool=24, refresh_every=2, max_points=256, unroll=2),
                   steps=steps, time_budget_s=float(budget_s), seed=ADAPT_SEED)
     return train_learned([spec], [spec], out, config=cfg, init=init, val_cases=val_cases, val_every=50,
                          val_seed=ADAPT_SEED + 1, resume=resume, name="learned", same_patient=True,
                          should_stop=should_stop,
                          progress=progress, log=log, device=device)
+
+
+def _ct_name(ct: str | Path) -> str:
+    """A readable name of a CT file for the model card: its folder and file name without the image extensions
+    (``lumbar_ct/ct`` for ``.../lumbar_ct/ct.nii.gz``)."""
+    p = Path(ct).expanduser()
+    name = p.name
+    for ext in (".gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+    return f"{p.parent.name}/{name}" if p.parent.name else name
 
 
 _ORDER = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"] + [f"T{i}" for i in range(1, 13)] + \

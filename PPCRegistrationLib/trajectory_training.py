@@ -260,12 +260,13 @@ def train_trajectories(net: NormalMatcherNet, scenes: Sequence[Scene], cfg: Traj
                        validate: Callable[[NormalMatcherNet], float] | None = None, validate_every: int = 200,
                        progress: Callable[[int, dict], None] | None = None,
                        should_stop: Callable[[], bool] | None = None,
-                       optimizer_state: dict | None = None, start_step: int = 0,
+                       optimizer_state: dict | None = None, start_step: int = 0, validate_start: bool = False,
                        on_checkpoint: Callable[[int, NormalMatcherNet, dict, dict], None] | None = None) -> dict:
     """Train ``net`` in place (module docstring).  Returns the curves and the best validated weights.
 
     validate: a score of the network (lower is better, e.g. the median final mTRE of held-out cases), called every
-    ``validate_every`` steps and at the end; the returned ``best_state`` is the best-scoring one.
+    ``validate_every`` steps and at the end; the returned ``best_state`` is the best-scoring one.  validate_start:
+    also score the starting weights (a fine-tuning then returns them when no step beats them, best_step = start_step).
     progress(step, numbers); should_stop() is polled before every step (a cancelled run returns what it has);
     on_checkpoint(step, net, optimizer state, curves) after every validation (for resuming).
     """
@@ -284,6 +285,12 @@ def train_trajectories(net: NormalMatcherNet, scenes: Sequence[Scene], cfg: Traj
     pool = [make_training_case(scenes[i % len(scenes)], gen) for i in range(min(cfg.pool, cfg.batch))]
     curves: dict = {"step": [], "loss": [], "ce": [], "mtre_last": [], "val_step": [], "val": [], "seconds": []}
     best = (math.inf, copy.deepcopy(net.state_dict()), start_step)
+    if validate is not None and validate_start:
+        net.eval()
+        score = float(validate(net))
+        curves["val_step"].append(start_step)
+        curves["val"].append(score)
+        best = (score, copy.deepcopy(net.state_dict()), start_step)
     t0 = time.perf_counter()
     step = start_step
     stopped = "steps"

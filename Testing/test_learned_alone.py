@@ -14,7 +14,8 @@ from PPCRegistrationLib.learned_recipe import PatientSpec, adapt, load_scenes
 from PPCRegistrationLib.model_files import load_model, save_model
 from PPCRegistrationLib.normal_matcher import NormalMatcher, NormalMatcherNet, gradient_profiles
 from PPCRegistrationLib.simulation import random_initial_transform
-from PPCRegistrationLib.trajectory_training import TrajectoryConfig, make_training_case, unrolled_loss
+from PPCRegistrationLib.trajectory_training import (TrajectoryConfig, make_training_case, train_trajectories,
+                                                    unrolled_loss)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,23 @@ def test_unrolled_training_lowers_its_loss_and_every_unrolled_solve_passes_gradi
         loss, _, _ = unrolled_loss(net, case, T0, cfg, random.Random(0))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert min(losses[-3:]) < 0.8 * losses[0], losses
+
+
+def test_a_fine_tuning_that_validates_worse_returns_the_starting_weights(popi_scene):
+    _, scene = popi_scene
+    torch.manual_seed(2)
+    net = NormalMatcherNet()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    scores = iter([0.5, 0.9, 0.7])  # the starting weights, step 2, the end (step 3): none beats the start
+
+    res = train_trajectories(net, [scene], TrajectoryConfig(steps=3, batch=1, unroll=1, pool=1, refresh_every=0,
+                                                            max_points=64),
+                             validate=lambda _n: next(scores), validate_every=2, validate_start=True)
+    assert res["best_step"] == 0 and res["best_score"] == 0.5 and res["curves"]["val_step"] == [0, 2, 3]
+    assert all(torch.equal(res["best_state"][k], start[k]) for k in start)
+    assert any(not torch.equal(v, start[k]) for k, v in net.state_dict().items())  # the steps did change it
 
 
 def _file_sha(path) -> str:
