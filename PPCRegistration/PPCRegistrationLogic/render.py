@@ -206,9 +206,9 @@ def renderXrayView(session, path: str, *, showDRR=True, showPoints=True, showFlo
     if showPoints:
         ren.AddActor(_polyActor(session.contour2DNode, lut, pointSize=6.0))
     if showPoints or showFlow:
-        ren.AddActor2D(_scalarBar(lut))
+        ren.AddViewProp(_scalarBar(lut))
     if title:
-        ren.AddActor2D(_text(title))
+        ren.AddViewProp(_text(title))
     # camera on the source side of the detector, looking along the beam, image rows downwards
     s2r = core.sliceToRASForXray(proj)
     centre = s2r[:3, 3]
@@ -258,9 +258,9 @@ def render3DView(session, path: str, *, boneThresholdHU: float = 200.0, title: s
     ren.AddActor(_polyActor(session.carmNode, None, lineWidth=2.0, color=(0.95, 0.75, 0.2)))
     ren.AddActor(_polyActor(session.contour3DNode, lut, pointSize=5.0))
     ren.AddActor(_polyActor(session.contour2DNode, lut, pointSize=3.0))
-    ren.AddActor2D(_scalarBar(lut))
+    ren.AddViewProp(_scalarBar(lut))
     if title:
-        ren.AddActor2D(_text(title))
+        ren.AddViewProp(_text(title))
     ren.ResetCamera()
     cam = ren.GetActiveCamera()
     proj = session.projection
