@@ -259,7 +259,8 @@ def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | P
     vertebrae on each side, random views and poses) for at most ``budget_s`` seconds, validated on cases of the
     same CT (``val_cases`` of them) drawn from :data:`ADAPT_SEED` (disjoint from the evaluation's case seeds).  Writes
     ``<out>/learned.pt`` and its model card; a cancelled run leaves an existing one intact (see
-    :func:`train_learned`).  The model ``init`` itself is validated first: when no fine-tuned state validates
+    :func:`train_learned`).  It trains through the PPC solve ``init`` was trained through (its ``meta.solver``;
+    ``config``'s solve settings are ignored).  The model ``init`` itself is validated first: when no fine-tuned state validates
     better, the written model has its weights (``best_step`` 0 in the card), so an adaptation never returns a model
     that does worse on its validation cases than the one it started from."""
     from . import io
@@ -272,8 +273,13 @@ def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | P
     names = _neighbouring_vertebrae(io.read_label_map(labels), vertebra, neighbours)
     vertebra_label_id(vertebra)
     spec = PatientSpec(_ct_name(ct), str(ct), str(labels), tuple(names))
+    # the adapted model keeps the PPC solve its starting model was trained through (and the loop runs it with)
+    _, init_meta = load_model(init, "normal_matcher", "cpu")
+    solve = dict(init_meta.get("solver") or {})
     cfg = replace(config or TrajectoryConfig(lr=ADAPT_LR, pool=24, refresh_every=2, max_points=256, unroll=2),
-                  steps=steps, time_budget_s=float(budget_s), seed=ADAPT_SEED)
+                  steps=steps, time_budget_s=float(budget_s), seed=ADAPT_SEED,
+                  out_of_plane=float(solve.get("out_of_plane", 0.0)),
+                  regularization=float(solve.get("regularization", 1e-5)))
     return train_learned([spec], [spec], out, config=cfg, init=init, val_cases=val_cases, val_every=50,
                          val_seed=ADAPT_SEED + 1, resume=resume, name="learned", same_patient=True,
                          should_stop=should_stop,

@@ -122,13 +122,15 @@ def test_adapt_writes_a_model_that_loads_and_a_cancelled_adaptation_keeps_the_pr
     spec, _ = popi_scene
     init = tmp_path / "init.pt"
     torch.manual_seed(1)
-    save_model(init, NormalMatcherNet(), {"solver": {"out_of_plane": 0.0, "regularization": 1e-5}})
+    save_model(init, NormalMatcherNet(), {"solver": {"out_of_plane": 0.1, "regularization": 1e-5}})
     out = tmp_path / "adapted"
     res = adapt(spec.ct, spec.labels, "T8", out, init=init, budget_s=60, steps=2, neighbours=0, val_cases=2,
                 config=TrajectoryConfig(batch=1, unroll=1, pool=2, refresh_every=0, max_points=64))
     assert res["status"] == "done" and res["steps"] == 2
     net, meta = load_model(out / "learned.pt", "normal_matcher")
     assert isinstance(net, NormalMatcherNet) and meta["steps"] == 2 and list(meta["train_patients"][0]["vertebrae"]) == ["T8"]
+    # it keeps the solve its starting model was trained through (the loop runs the model with meta["solver"])
+    assert meta["solver"] == {"out_of_plane": 0.1, "regularization": 1e-5}
     assert (out / "learned.md").is_file() and "train_seconds" in (out / "learned.md").read_text()
     before = _file_sha(out / "learned.pt")
 
