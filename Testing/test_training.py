@@ -434,7 +434,7 @@ def test_pose_losses_through_the_ppc_layer(root):
         loss = compute_loss("ppc-flow", operator_step(op, batch), lambda_epe=0.0, pose_loss=pose)
         loss.backward()
         g = sum(float(p.grad.abs().sum()) for p in op.parameters() if p.grad is not None)
-        assert math.isfinite(float(loss)) and g > 0, pose
+        assert math.isfinite(float(loss.detach())) and g > 0, pose
     with pytest.raises(InputError, match="pose loss"):
         compute_loss("ppc-flow", st, pose_loss="depth")
     with pytest.raises(InputError, match="pose loss"):
