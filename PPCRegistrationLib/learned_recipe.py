@@ -25,6 +25,7 @@ import torch
 
 from .drr import DRRRenderer
 from .errors import InputError, ModelFileError
+from .file_checks import suffix
 from .model_files import load_model, save_model
 from .normal_matcher import NORMAL_HPARAMS, NormalMatcherNet
 from .simulation import random_initial_transform
@@ -251,7 +252,8 @@ def train_learned(train: Sequence[PatientSpec], val: Sequence[PatientSpec], out:
 
 
 def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | Path,
-          budget_s: float = DEFAULT_ADAPT_BUDGET_S, neighbours: int = 1, steps: int = 100000, val_cases: int = ADAPT_VAL_CASES,
+          budget_s: float = DEFAULT_ADAPT_BUDGET_S, neighbours: int = 1, steps: int = 100000,
+          val_cases: int = ADAPT_VAL_CASES,
           config: TrajectoryConfig | None = None, resume: bool = True,
           should_stop: Callable[[], bool] | None = None, progress: Callable[[int, dict], None] | None = None,
           log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
@@ -260,9 +262,9 @@ def adapt(ct: str, labels: str, vertebra: str, out: str | Path, *, init: str | P
     same CT (``val_cases`` of them) drawn from :data:`ADAPT_SEED` (disjoint from the evaluation's case seeds).  Writes
     ``<out>/learned.pt`` and its model card; a cancelled run leaves an existing one intact (see
     :func:`train_learned`).  It trains through the PPC solve ``init`` was trained through (its ``meta.solver``;
-    ``config``'s solve settings are ignored).  The model ``init`` itself is validated first: when no fine-tuned state validates
-    better, the written model has its weights (``best_step`` 0 in the card), so an adaptation never returns a model
-    that does worse on its validation cases than the one it started from."""
+    ``config``'s solve settings are ignored).  The model ``init`` itself is validated first: when no fine-tuned state
+    validates better, the written model has its weights (``best_step`` 0 in the card), so an adaptation never returns
+    a model that does worse on its validation cases than the one it started from."""
     from . import io
     from .sample_data import vertebra_label_id
 
@@ -290,10 +292,7 @@ def _ct_name(ct: str | Path) -> str:
     """A readable name of a CT file for the model card: its folder and file name without the image extensions
     (``lumbar_ct/ct`` for ``.../lumbar_ct/ct.nii.gz``)."""
     p = Path(ct).expanduser()
-    name = p.name
-    for ext in (".gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
+    name = p.name[: len(p.name) - len(suffix(p))]
     return f"{p.parent.name}/{name}" if p.parent.name else name
 
 

@@ -285,12 +285,19 @@ def train_trajectories(net: NormalMatcherNet, scenes: Sequence[Scene], cfg: Traj
     pool = [make_training_case(scenes[i % len(scenes)], gen) for i in range(min(cfg.pool, cfg.batch))]
     curves: dict = {"step": [], "loss": [], "ce": [], "mtre_last": [], "val_step": [], "val": [], "seconds": []}
     best = (math.inf, copy.deepcopy(net.state_dict()), start_step)
-    if validate is not None and validate_start:
+
+    def validate_at(at: int) -> None:
+        """Score the network, record the score, keep its weights when they are the best so far."""
+        nonlocal best
         net.eval()
         score = float(validate(net))
-        curves["val_step"].append(start_step)
+        curves["val_step"].append(at)
         curves["val"].append(score)
-        best = (score, copy.deepcopy(net.state_dict()), start_step)
+        if score < best[0]:
+            best = (score, copy.deepcopy(net.state_dict()), at)
+
+    if validate is not None and validate_start:
+        validate_at(start_step)
     t0 = time.perf_counter()
     step = start_step
     stopped = "steps"
@@ -334,21 +341,11 @@ def train_trajectories(net: NormalMatcherNet, scenes: Sequence[Scene], cfg: Traj
         if progress is not None:
             progress(step, {k: v[-1] for k, v in curves.items() if v and k in ("loss", "ce", "mtre_last")})
         if validate is not None and step % validate_every == 0:
-            net.eval()
-            score = float(validate(net))
-            curves["val_step"].append(step)
-            curves["val"].append(score)
-            if score < best[0]:
-                best = (score, copy.deepcopy(net.state_dict()), step)
+            validate_at(step)
             if on_checkpoint is not None:
                 on_checkpoint(step, net, opt.state_dict(), curves)
     if validate is not None and (not curves["val_step"] or curves["val_step"][-1] != step) and step > start_step:
-        net.eval()
-        score = float(validate(net))
-        curves["val_step"].append(step)
-        curves["val"].append(score)
-        if score < best[0]:
-            best = (score, copy.deepcopy(net.state_dict()), step)
+        validate_at(step)
     return {"curves": curves, "best_state": best[1], "best_score": best[0], "best_step": best[2],
             "steps_done": step, "stopped": stopped, "seconds": time.perf_counter() - t0,
             "optimizer_state": opt.state_dict()}
