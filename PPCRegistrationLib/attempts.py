@@ -14,7 +14,9 @@ import torch
 
 from .config import REFINE, IterationState
 from .errors import InputError
+from .foreign_detection import unexplained_mask
 from .geometry import centred_update, crop_projection, invert_rigid, rotation_angle_deg, transform_points
+from .inpainting import inpaint
 from .metrics import mtre as mtre_fn
 from .refine import make_refiner, pose_similarity
 
@@ -136,9 +138,50 @@ class RefineAndRestart:
         self._restart_from_initial()
 
     def _end_attempt(self, similarity: float) -> tuple[str, str]:
+        """After the refinement of an attempt: the schedule's next attempt (:meth:`_next_or_final`); when the
+        registration would end, a foreign-object pass (:meth:`_foreign_pass`) if the X-ray holds what the CT
+        cannot explain.  Returns the status of the update and a note for its message."""
+        status, note = self._next_or_final(similarity)
+        if status == "running" or self.stop_requested:
+            return status, note
+        found = self._foreign_pass()
+        return ("running", note + found) if found else (status, note)
+
+    def _foreign_pass(self) -> str:
+        """If at the estimate the region's window holds at least ``foreign.min_px`` pixels more attenuating than
+        the CT can explain (:func:`~PPCRegistrationLib.foreign_detection.unexplained_mask`): inpaint them in the
+        X-ray as given (with those of earlier passes), score the results so far on it, and start the schedule again
+        from the initial estimate.  Returns a note for the message ("" when no pass is made)."""
+        cfg = self.config.foreign
+        if self.foreign_passes >= int(cfg.passes):
+            return ""
+        proj = self.projection
+        win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
+        if win is None:
+            return ""
+        with torch.no_grad():
+            drr = self.renderer.render(proj, self.T[None])[0].to(self.xray)
+        found = unexplained_mask(self.xray, drr, tolerance_px=cfg.tolerance_px, fit_px=cfg.fit_px,
+                                 threshold_sd=cfg.threshold_sd)
+        u0, v0, ww, wh = win
+        n_window = int(found[v0:v0 + wh, u0:u0 + ww].sum())
+        if n_window < int(cfg.min_px):
+            return ""
+        self.foreign_mask = found if self.foreign_mask is None else (self.foreign_mask | found)
+        self.foreign_passes += 1
+        self.xray = inpaint(self._xray_input, self.foreign_mask).to(self._xray_input)
+        self._xray_grad_cache.clear()
+        self._initial_sim = None
+        self._candidates = [(self._similarity(T), T, outcome) for _, T, outcome in self._candidates]
+        self.attempt = 0
+        self._start_attempt()
+        return (f"; {n_window} pixels of the region's window are more attenuating than the CT can explain (metal?): "
+                f"registering again from the initial estimate with {int(self.foreign_mask.sum())} pixels inpainted")
+
+    def _next_or_final(self, similarity: float) -> tuple[str, str]:
         """After the refinement of an attempt: the schedule's next attempt from the initial estimate when
         this one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
-        estimate that correlates best). Returns the status of the update and a note for its message."""
+        estimate that correlates best)."""
         cfg = self.config
         self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()

@@ -142,7 +142,8 @@ def _cmd_register(args) -> int:
                          f"geometry {geometry_path} describes a {proj.height}x{proj.width} detector")
     cfg = RegistrationConfig(method=method_name, device=args.device).updated({
         "guards.max_iterations": args.iterations, "guards.tolerance_mm": args.tolerance,
-        "refine.iterations": args.refine_iterations, "learned.flow_flips": args.flow_flips})
+        "refine.iterations": args.refine_iterations, "learned.flow_flips": args.flow_flips,
+        "foreign.passes": args.foreign_passes})
     method = resolve_method(method_name, model_path=args.model, models_dir=args.models_dir,
                             device=cfg.resolved_device(), learned_steps=args.learned_steps,
                             classic_fallback=not args.no_classic_fallback)
@@ -268,10 +269,12 @@ def _cmd_evaluate(args) -> int:
                       models=models, models_dir=args.models_dir, learned_steps=args.learned_steps,
                       classic_fallback=not args.no_classic_fallback,
                       config=RegistrationConfig().updated({"refine.iterations": args.refine_iterations,
+                                                           "foreign.passes": args.foreign_passes,
                                                            "learned.flow_flips": args.flow_flips}),
                       progress=not args.quiet,
                       xray_models=("drr", "physics") if args.xray_model == "both" else (args.xray_model,),
-                      metal=args.metal, mask_field=args.mask_field)
+                      metal=args.metal, mask_field=args.mask_field, inpaint_metal=args.inpaint_metal,
+                      linear_intake=not args.linear_as_is)
     result["config"]["inputs"] = desc
     paths = write_report(result, out)
     _say(paths["summary.md"].read_text(encoding="utf-8"))
@@ -292,6 +295,17 @@ def _cmd_join_evaluations(args) -> int:
 
 
 # ============================================================================= parsers
+
+
+def _foreign_default() -> int:
+    from .config import ForeignSettings
+
+    return ForeignSettings.passes
+
+
+_FOREIGN_HELP = ("registrations again on the X-ray with what the CT cannot explain at the result (metal, instruments, "
+                 "collimator shadows) inpainted, when the region's window holds such pixels (0 = off; default "
+                 "%(default)s)")
 
 
 def _refine_default() -> int:
@@ -377,6 +391,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=_refine_default(),
                    metavar="N",
                    help=_REFINE_HELP)
+    p.add_argument("--foreign-passes", type=_nonneg_int("--foreign-passes"), default=_foreign_default(),
+                   metavar="N", help=_FOREIGN_HELP)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no per-iteration lines and no progress bar")
@@ -403,6 +419,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--refine-iterations", type=_nonneg_int("--refine-iterations"), default=_refine_default(),
                    metavar="N",
                    help=_REFINE_HELP)
+    p.add_argument("--foreign-passes", type=_nonneg_int("--foreign-passes"), default=_foreign_default(),
+                   metavar="N", help=_FOREIGN_HELP)
     g = p.add_argument_group("methods")
     g.add_argument("--methods", nargs="+", default=["classic"], metavar="M",
                    help=f"methods to compare, separated by commas or blanks: {_METHODS_HELP}; and oracle (the "
@@ -425,6 +443,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--xray-model", choices=("drr", "physics", "both"), default="drr",
                    help=_XRAY_MODEL_HELP + "; both: every case with each, the gap reported per method")
     p.add_argument("--metal", action="store_true", help=_METAL_HELP)
+    # choices: evaluation.INPAINT_METAL (not imported: the parser stays light)
+    p.add_argument("--inpaint-metal", choices=("none", "truth"),
+                   default="none",
+                   help="physics X-rays with --metal: none (default), or truth: inpaint the simulator's own mask of "
+                        "the metal before registering (the ceiling of a perfect metal detector)")
+    p.add_argument("--linear-as-is", action="store_true",
+                   help="physics X-rays: register the linear detector images (no log transform) linear instead of "
+                        "through the intake's logarithm (as of a DICOM marked LIN)")
     p.add_argument("--mask-field", action="store_true",
                    help="find collimator blades in each X-ray and fill the outside with the field's border before "
                         "registering (PPCRegistrationLib.xray_field)")

@@ -16,8 +16,8 @@ from .refine import (APPEARANCE, DEFAULT_APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_I
                      DEFAULT_SOLVERS, SOLVERS)
 
 __all__ = ["REFINE", "STATUSES", "Status", "MatchingSettings", "SolverSettings", "GuardSettings", "PrealignSettings",
-           "RefineSettings", "RestartSettings", "LearnedSettings", "RegistrationConfig", "IterationState",
-           "RegistrationResult"]
+           "RefineSettings", "RestartSettings", "LearnedSettings", "ForeignSettings", "RegistrationConfig",
+           "IterationState", "RegistrationResult"]
 
 
 class Status(str, Enum):
@@ -272,9 +272,34 @@ class LearnedSettings:
                              f"{self.flow_flips}")
 
 
+@dataclass(frozen=True)
+class ForeignSettings:
+    """Foreign objects (metal not in the CT) out of the X-ray (docs/design.md §4.6).
+
+    passes: when the registration would end, the X-ray is compared with the DRR at its result
+        (:func:`~PPCRegistrationLib.foreign_detection.unexplained_mask`); when at least ``min_px`` pixels of the
+        region's window are more attenuating than the CT can explain, they are inpainted
+        (:func:`~PPCRegistrationLib.inpainting.inpaint`) and the schedule runs again from the initial estimate on
+        that X-ray; the results so far stay candidates, scored on it.  At most this many times (0 = off).
+    tolerance_px, fit_px, threshold_sd: the detection's settings (see ``unexplained_mask``).
+    min_px: foreign pixels inside the region's window that make a pass worth its time.
+    """
+
+    passes: int = 1
+    tolerance_px: float = 2.0
+    fit_px: int = 31
+    threshold_sd: float = 6.0
+    min_px: int = 40
+
+    def __post_init__(self) -> None:
+        if int(self.passes) < 0 or int(self.min_px) < 1:
+            raise InputError(f"foreign.passes must be >= 0 and foreign.min_px >= 1, got {self.passes} and "
+                             f"{self.min_px}")
+
+
 _SECTIONS = {"matching": MatchingSettings, "solver": SolverSettings, "guards": GuardSettings,
              "prealign": PrealignSettings, "refine": RefineSettings, "restart": RestartSettings,
-             "learned": LearnedSettings}
+             "learned": LearnedSettings, "foreign": ForeignSettings}
 
 
 @dataclass(frozen=True)
@@ -284,7 +309,7 @@ class RegistrationConfig:
     method: the method's name (:mod:`PPCRegistrationLib.methods` builds learned and chained registrations).
     matching (:class:`MatchingSettings`), solver (:class:`SolverSettings`), guards (:class:`GuardSettings`),
     prealign (:class:`PrealignSettings`), refine (:class:`RefineSettings`), restart (:class:`RestartSettings`),
-    learned (:class:`LearnedSettings`).
+    learned (:class:`LearnedSettings`), foreign (:class:`ForeignSettings`).
     device: ``"cpu"``, ``"cuda"``, or ``"auto"``; seed: of the surface points' subsampling and the RANSAC draws.
 
     Change a copy with :meth:`updated` (``cfg.updated({"refine.iterations": 0, "guards.max_iterations": 10})``) or
@@ -299,6 +324,7 @@ class RegistrationConfig:
     refine: RefineSettings = field(default_factory=RefineSettings)
     restart: RestartSettings = field(default_factory=RestartSettings)
     learned: LearnedSettings = field(default_factory=LearnedSettings)
+    foreign: ForeignSettings = field(default_factory=ForeignSettings)
     device: str = "cpu"
     seed: int = 0
 

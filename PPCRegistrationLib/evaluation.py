@@ -30,6 +30,7 @@ from .features import SurfacePoints
 from .metrics import mrpd, mtre, paired_comparison, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
     models_from_mapping, normalize_method, resolve_method
+from .inpainting import inpaint
 from .physics_simulation import XRAY_MODELS, PhysicsSimulator
 from .physics_simulation import describe as describe_physics
 from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig, registration_surface
@@ -55,6 +56,8 @@ SUMMARY_KEYS = ("mtre_p50", "mtre_p75", "mtre_p95", "mtre_mean", "mtre_sd", "red
 
 #: detector pixels: the oracle's window margin (its matches are never dropped as too far below this)
 ORACLE_SEARCH_PX = 96.0
+#: what :func:`evaluate` does with the metal of the physics X-rays: leave it, or inpaint the simulator's own mask
+INPAINT_METAL = ("none", "truth")
 
 def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: int = 100, seed: int = 0,
              mtre_range: tuple[float, float] = (0.0, 20.0), iterations: int = 30, *, detector_px: int = 256,
@@ -66,7 +69,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
              renderer: DRRRenderer | None = None,
              surface: SurfacePoints | None = None, progress: bool = True,
              on_case: Callable[[dict], None] | None = None, xray_models: Sequence[str] = ("drr",),
-             metal: bool = False, mask_field: bool = False) -> dict:
+             metal: bool = False, mask_field: bool = False, inpaint_metal: str = "none",
+             linear_intake: bool = True) -> dict:
     """Run the evaluation protocol (docs/design.md §6) on one CT.
 
     Args:
@@ -101,6 +105,12 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
             (:mod:`.physics_simulation`, for testing only).  Methods on the physics X-ray are reported as
             ``<method>@physics`` and compared with the same method on the DRR X-ray, paired.
         metal: the physics X-rays have metal in the field in a random half of the cases.
+        inpaint_metal: ``"none"``, or ``"truth"``: inpaint (:func:`.inpainting.inpaint`) the metal of each
+            physics X-ray over the simulator's own mask of it before registering, the ceiling of a perfect metal
+            detector.
+        linear_intake: physics X-rays without the detector's log transform go through the intake's logarithm
+            (as a DICOM marked ``LIN`` does, :class:`.physics_simulation.PhysicsSimulator`); False registers them
+            linear.
         mask_field: find collimator blades in every X-ray (:func:`.xray_field.detect_field`, from the image alone)
             and fill the outside with the field's border (:func:`.xray_field.fill_outside`) before registering.
     Returns:
@@ -131,6 +141,10 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     xray_models = list(dict.fromkeys(xray_models))
     if not xray_models or any(x not in XRAY_MODELS for x in xray_models):
         raise InputError(f"unknown X-ray model in {xray_models}; available: {', '.join(XRAY_MODELS)}")
+    if inpaint_metal not in INPAINT_METAL:
+        raise InputError(f"unknown metal inpainting {inpaint_metal!r}; available: {', '.join(INPAINT_METAL)}")
+    if inpaint_metal != "none" and not metal:
+        raise InputError("inpainting the metal needs metal in the field (--metal)")
     if metal and "physics" not in xray_models:
         raise InputError("metal in the field needs the physics X-ray model (--xray-model physics or both)")
     if iterations < 1:
@@ -166,8 +180,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         raise InputError(f"only {len(surface)} surface points in the region of interest: enlarge the region")
     renderer = renderer or DRRRenderer(ct, device=dev)
     targets = surface.points.detach().cpu().to(torch.float64)
-    physics = (PhysicsSimulator(ct, anchor=targets, metal=metal, device=dev) if "physics" in xray_models
-               else None)
+    physics = (PhysicsSimulator(ct, anchor=targets, metal=metal, device=dev, linear_intake=linear_intake)
+               if "physics" in xray_models else None)
     runs = [(m, x) for x in xray_models for m in methods]
     keys = [m if x == "drr" else f"{m}@{x}" for m, x in runs]
 
@@ -184,6 +198,8 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
         cases = {"drr": case}
         if physics is not None:
             img, info = physics.simulate(case.projection, case.T_gt, case.xray_seed)
+            if inpaint_metal == "truth" and info["metal"]:
+                img = inpaint(img, info["metal_mask"])
             cases["physics"] = dataclasses.replace(case, xray=img)
             rec["physics"] = describe_physics(info)
         if mask_field:
@@ -203,6 +219,7 @@ def evaluate(ct: Volume, roi, methods: Sequence[str] = ("classic",), n_cases: in
     summary = summarize_cases(records, keys)
     return {
         "config": {"methods": keys, "xray_models": xray_models, "metal": bool(metal), "mask_field": bool(mask_field),
+                   "inpaint_metal": inpaint_metal, "linear_intake": bool(linear_intake),
                    "n_cases": n_cases, "seed": int(seed), "mtre_range": [lo, hi],
                    "iterations": int(iterations), "tolerance_mm": float(tolerance_mm), "device": str(dev),
                    "detector_px": int(views.detector_size_px), "n_targets": int(targets.shape[0]),

@@ -13,6 +13,10 @@ one monochromatic DRR, Poisson noise, blur, gamma and a flat scatter background)
 4. Quantum noise with the energy-integrating (Swank) variance, scintillator blur (a Gaussian core plus a wide
    glare tail), residual gain non-uniformity after flat-field correction, electronic noise, quantisation to
    12-16 bits with saturation of the direct beam, and the log transform applied or not (a linear detector image).
+5. The intake: a linear image is stored as a DICOM with PixelIntensityRelationship ``LIN`` would be, and, as
+   :func:`.xray_io.read_xray` does with such a file, its logarithm is taken
+   (:func:`.xray_io.exposure_to_line_integrals`); ``linear_intake=False`` passes it on linear (a linear image
+   whose intensity relationship nobody recorded).
 
 Deterministic per seed.  Output: ``(H, W)`` float32 attenuation-positive (bone bright) image scaled to [0, 1], as the
 registration takes X-rays, plus the drawn parameters and the collimated field's mask.
@@ -33,12 +37,15 @@ from .geometry import Projection
 from .rays import _pixel_grid, _rays_in_ct
 from .simulation import _gaussian_blur, _uniform
 from .volume import Volume
+from .xray_io import exposure_to_line_integrals
 from .xray_physics import MATERIALS, Spectrum, hu_to_densities, material_density
 
 __all__ = ["PhysicsVariation", "PhysicsSimulator", "XRAY_MODELS"]
 
 #: where the exposure-controlled signal behind the field's centre lands on the ADC's scale
 ADC_CENTRE_FRACTION = 0.25
+#: mass thickness (g/cm^2) of foreign metal above which a pixel is in ``info["metal_mask"]`` (~0.1 mm of steel)
+METAL_MASK_G_CM2 = 0.05
 #: the names of the X-ray simulators of ``ppcreg simulate/evaluate --xray-model``
 XRAY_MODELS = ("drr", "physics")
 
@@ -95,6 +102,8 @@ class PhysicsSimulator:
         metal: put metal in the field of a random ``variation.metal_p`` share of the images.
         variation: parameter ranges.
         device: where the material volumes and the rendering live.
+        linear_intake: take the logarithm of linear detector images, as the intake of a DICOM marked ``LIN`` does
+            (default); False registers them linear.
     """
 
     ct: Volume
@@ -102,6 +111,7 @@ class PhysicsSimulator:
     metal: bool = False
     variation: PhysicsVariation = field(default_factory=PhysicsVariation)
     device: str | torch.device = "cpu"
+    linear_intake: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ct, Volume):
@@ -169,12 +179,17 @@ class PhysicsSimulator:
 
         Returns:
             ``(image, info)``: ``(H, W)`` float32 in [0, 1] (attenuation-positive), and the drawn parameters with
-            ``"field_mask"`` ``(H, W)`` bool (inside the collimator) and ``"objects"`` (the metal's cylinders).
+            ``"field_mask"`` ``(H, W)`` bool (inside the collimator), ``"metal_mask"`` ``(H, W)`` bool (the pixels
+            behind more than :data:`METAL_MASK_G_CM2` of the objects' metal, before the detector's blur) and
+            ``"objects"`` (the metal's cylinders).
         """
         if T_gt.shape != (4, 4):
             raise InputError(f"T_gt must be a 4x4 matrix, got {tuple(T_gt.shape)}")
         p = self.draw(proj, seed)
         M = self.mass_thickness(proj, T_gt, p["objects"])
+        object_metals = {o.material for o in p["objects"]}
+        metal_mask = sum((M[m] for m in object_metals), torch.zeros(proj.height, proj.width, dtype=torch.float64))
+        metal_mask = metal_mask > METAL_MASK_G_CM2
         spec = Spectrum.kramers(p["kvp"], {"aluminium": p["al_mm"], "copper": p["cu_mm"]})
         primary = spec.detected(M)                                        # (H, W) relative to the open beam
         h, w = primary.shape
@@ -210,14 +225,21 @@ class PhysicsSimulator:
         # beam beside the patient saturates, as on a real detector
         full = 2 ** p["bits"] - 1
         dn = torch.round(q / p["photons"] * ADC_CENTRE_FRACTION * full).clamp(0, full)
-        att = -torch.log(dn.clamp_min(0.5) / full) if p["log"] else 1.0 - dn / full
+        if p["log"]:  # the detector's own log transform
+            att = -torch.log(dn.clamp_min(0.5) / full)
+        elif self.linear_intake:  # stored linear (LIN); the intake takes the log, as read_xray does
+            att = torch.from_numpy(exposure_to_line_integrals(dn.numpy()))
+        else:  # linear, and registered so
+            att = 1.0 - dn / full
         # display window: 0.5-99.5 % of the collimated field to [0, 1], the rest clipped (the collimator's
         # shadow and burnt-out direct beam saturate, as on a monitor)
         inside = att[field_mask]
         lo, hi = (float(v) for v in torch.quantile(inside, torch.tensor([0.005, 0.995], dtype=inside.dtype)))
         img = ((att - lo) / max(hi - lo, 1e-12)).clamp(0, 1).to(torch.float32)
         info = {k: v for k, v in p.items() if k != "objects"}
-        info.update(field_mask=field_mask, objects=p["objects"], mean_energy_kev=spec.mean_energy())
+        info.update(field_mask=field_mask, metal_mask=metal_mask, objects=p["objects"], mean_energy_kev=spec.mean_energy(),
+                    intensity_relationship="LOG" if p["log"] else "LIN",
+                    intake_log=bool(not p["log"] and self.linear_intake))
         return img, info
 
     @staticmethod
@@ -230,6 +252,6 @@ class PhysicsSimulator:
 
 def describe(info: dict) -> dict:
     """The JSON-safe part of a :meth:`PhysicsSimulator.simulate` info dict (no mask; objects as dicts)."""
-    out = {k: v for k, v in info.items() if k not in ("field_mask", "objects")}
+    out = {k: v for k, v in info.items() if k not in ("field_mask", "metal_mask", "objects")}
     out["objects"] = [asdict(o) for o in info.get("objects", [])]
     return out

@@ -107,6 +107,7 @@ class Registration(RefineAndRestart):
         self.ct = ct
         self.projection = projection.to(self.device, torch.float64)
         self.xray = xray.to(self.device, torch.float32)
+        self._xray_input = self.xray  # (kept: a foreign-object pass registers an inpainted copy)
         self.T_init = T_init.clone().to(self.device)
         self.T_gt = None if T_gt is None else T_gt.clone().to(self.device)
         self.roi = roi
@@ -124,7 +125,14 @@ class Registration(RefineAndRestart):
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Back to the initial transform and the schedule's first attempt; the history is cleared."""
+        """Back to the initial transform, the schedule's first attempt and the X-ray as given; the history is
+        cleared."""
+        if getattr(self, "foreign_passes", 0):
+            self.xray = self._xray_input
+            self._initial_sim = None
+        #: foreign-object passes made (``config.foreign``) and the union of the pixels inpainted, ``(H, W)`` bool
+        self.foreign_passes = 0
+        self.foreign_mask: torch.Tensor | None = None
         self.attempt = 1
         self._enter_phase(0)
         self._restart_from_initial()

@@ -47,7 +47,8 @@ from .errors import InputError
 from .file_checks import (SPACING_SUFFIXES, check_exists, header_spacing_problem, is_dicom_file, parse_floats, positive,
                           sitk_error, sitk_module, suffix, write_sitk)
 
-__all__ = ["XRayGeometry", "XRayImage", "read_xray", "write_xray", "save_png", "projection_from_xray"]
+__all__ = ["XRayGeometry", "XRayImage", "read_xray", "write_xray", "save_png", "projection_from_xray",
+           "exposure_to_line_integrals"]
 
 #: the largest side (pixels) of the grid a real X-ray is registered on (:meth:`XRayImage.downsampled`)
 REGISTRATION_GRID_PX = 512
@@ -315,8 +316,7 @@ def read_xray(path: str | Path, pixel_spacing: float | Sequence[float] | None = 
         # linear in the exposure: the stored values are the exposure (high where little is attenuated; the
         # photometric interpretation only says how to display them); -log makes them line integrals up to an
         # offset, like a DRR
-        exposure = np.clip(stored, 0, None)
-        arr = -np.log((exposure + 1.0) / (float(exposure.max()) + 1.0))
+        arr = exposure_to_line_integrals(stored)
         geom = replace(geom, log_applied=True)
 
     if pixel_spacing is not None:
@@ -333,6 +333,15 @@ def read_xray(path: str | Path, pixel_spacing: float | Sequence[float] | None = 
         raise InputError(f"the X-ray {p} does not say its pixel spacing{spacing_note}: pass it with --pixel-spacing "
                          "<mm> (pixel_spacing=... in Python), the detector pixel size in millimetres")
     return XRayImage(torch.from_numpy(np.ascontiguousarray(arr)), torch.tensor(ps, dtype=torch.float64), geom, str(p))
+
+
+def exposure_to_line_integrals(exposure: np.ndarray) -> np.ndarray:
+    """Pixel values linear in the exposure ``E (H, W)`` (raw detector counts, >= 0) -> ``-log((E + 1) / (max E + 1))``:
+    line integrals up to an offset (attenuation-positive, 0 at the brightest pixel), as a DRR.  The intake of a
+    DICOM whose PixelIntensityRelationship is ``LIN`` (:func:`read_xray`) and of the physics simulator's linear
+    detector images (:mod:`.physics_simulation`).  Negative values (offset noise) count as 0."""
+    e = np.clip(np.asarray(exposure, dtype=np.float64), 0, None)
+    return -np.log((e + 1.0) / (float(e.max()) + 1.0))
 
 
 def _window(arr: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:

@@ -249,3 +249,134 @@ def test_collimator_blades_are_found_and_filled(lumbar_l3, tmp_path_factory):
     assert detect_field(rg1.image) == (0, 0, rg1.width, rg1.height)
     with pytest.raises(InputError, match="too small"):
         fill_outside(torch.rand(32, 32), (10, 10, 14, 14))
+
+
+def test_linear_images_go_through_the_intake_log(lumbar_l3):
+    """A linear detector image (no log transform) is logged by the intake as a DICOM marked LIN would be: the same
+    draw with the detector's own log gives (almost) the same image; registered as is (``linear_intake=False``) it is
+    another, nonlinear one.  The records say which."""
+    from PPCRegistrationLib.simulation import ViewSampler, make_case
+
+    ct, _, renderer, surface = lumbar_l3
+    targets = surface.points.detach().cpu().to(torch.float64)
+    case = make_case(renderer, targets, 2, (5.0, 10.0), ViewSampler(detector_size_px=96))
+    args = (case.projection, case.T_gt)
+    logged, info_log = PhysicsSimulator(ct, variation=PhysicsVariation(log_p=1.0, collimation_p=0.0)).simulate(
+        *args, seed=4)
+    lin = PhysicsSimulator(ct, variation=PhysicsVariation(log_p=0.0, collimation_p=0.0))
+    intake, info_lin = lin.simulate(*args, seed=4)
+    as_is, info_as_is = PhysicsSimulator(ct, variation=PhysicsVariation(log_p=0.0, collimation_p=0.0),
+                                         linear_intake=False).simulate(*args, seed=4)
+    assert (info_log["intensity_relationship"], info_log["intake_log"]) == ("LOG", False)
+    assert (info_lin["intensity_relationship"], info_lin["intake_log"]) == ("LIN", True)
+    assert not info_as_is["intake_log"]
+    assert float((intake - logged).abs().mean()) < 0.01
+    assert float((as_is - logged).abs().mean()) > 0.03
+
+
+def test_metal_mask_and_inpainting(lumbar_l3):
+    """The simulator's metal mask covers the implants; inpainting it takes the metal out (no pixel of the mask as
+    bright as before), keeps the rest, and does not modify its input; a plane is inpainted exactly; bad masks are
+    clear errors."""
+    from PPCRegistrationLib.inpainting import inpaint
+    from PPCRegistrationLib.simulation import ViewSampler, make_case
+
+    ct, _, renderer, surface = lumbar_l3
+    targets = surface.points.detach().cpu().to(torch.float64)
+    case = make_case(renderer, targets, 3, (5.0, 10.0), ViewSampler(detector_size_px=128))
+    sim = PhysicsSimulator(ct, anchor=targets, metal=True, variation=PhysicsVariation(metal_p=1.0, log_p=1.0))
+    img, info = sim.simulate(case.projection, case.T_gt, seed=11)
+    mask = info["metal_mask"]
+    assert mask.dtype == torch.bool and mask.shape == img.shape and int(mask.sum()) > 20
+    before = img.clone()
+    out = inpaint(img, mask)
+    assert torch.equal(img, before) and out.dtype == img.dtype
+    import scipy.ndimage as ndi
+
+    grown = torch.from_numpy(ndi.binary_dilation(mask.numpy(), iterations=2))
+    assert torch.equal(out[~grown], img[~grown])
+    assert float(out[mask].mean()) < float(img[mask].mean()) - 0.05
+    # harmonic inpainting reproduces a plane inside the image
+    v, u = torch.meshgrid(torch.arange(40.0, dtype=torch.float64), torch.arange(50.0, dtype=torch.float64),
+                          indexing="ij")
+    plane = 0.3 + 0.01 * u - 0.02 * v
+    hole = ((u - 25) ** 2 + (v - 20) ** 2) < 64
+    spoiled = torch.where(hole, torch.full_like(plane, 5.0), plane)
+    assert torch.allclose(inpaint(spoiled, hole, dilation_px=0), plane, atol=1e-9)
+    assert torch.equal(inpaint(plane, torch.zeros_like(hole)), plane)
+    with pytest.raises(InputError, match="shape"):
+        inpaint(plane, hole[:10])
+    with pytest.raises(InputError, match="whole X-ray"):
+        inpaint(plane, torch.ones_like(hole))
+    with pytest.raises(InputError, match="2D"):
+        inpaint(plane[None], hole[None])
+
+
+def _blobs(n: int = 96) -> torch.Tensor:
+    v, u = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+    p = torch.zeros(n, n, dtype=torch.float64)
+    for cu, cv, s, a in ((30, 30, 9, 2.0), (60, 50, 14, 1.5), (45, 75, 6, 3.0), (75, 20, 10, 1.0)):
+        p = p + a * torch.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * s * s))
+    return p
+
+
+def test_unexplained_mask_finds_what_the_ct_lacks():
+    """A bar added to an X-ray that is a slowly varying linear map of the DRR is found (and nothing else); the same
+    X-ray one pixel off is explained within the tolerance; bad inputs are clear errors."""
+    from PPCRegistrationLib.foreign_detection import unexplained_mask
+
+    p = _blobs()
+    gen = torch.Generator().manual_seed(0)
+    u = torch.arange(96, dtype=torch.float64)[None, :]
+    x = 0.2 + 0.5 * p * (1 + 0.3 * u / 96) + 0.002 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+    bar = torch.zeros(96, 96, dtype=torch.bool)
+    bar[40:45, 20:70] = True
+    found = unexplained_mask(x + 0.3 * bar, p)
+    assert float((found & bar).sum() / bar.sum()) > 0.9
+    import scipy.ndimage as ndi
+
+    near = torch.from_numpy(ndi.binary_dilation(bar.numpy(), iterations=2))
+    assert int((found & ~near).sum()) == 0
+    assert int(unexplained_mask(x, p).sum()) == 0
+    moved = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # one pixel to the right
+    assert int(unexplained_mask(moved, p, tolerance_px=2.0).sum()) == 0
+    with pytest.raises(InputError, match="one shape"):
+        unexplained_mask(x, p[:50])
+    with pytest.raises(InputError, match="NaN"):
+        unexplained_mask(x * float("nan"), p)
+    with pytest.raises(InputError, match="bad settings"):
+        unexplained_mask(x, p, threshold_sd=0)
+
+
+def test_registration_inpaints_what_the_ct_cannot_explain(lumbar_l3):
+    """On a physics X-ray of the lumbar CT with screws in L3 the classic registration finds the metal at its
+    result, registers again on the X-ray with it inpainted and ends below 2 mm; the X-ray given is not modified;
+    reset() goes back to it; ``foreign.passes = 0`` makes no pass."""
+    from PPCRegistrationLib.config import RegistrationConfig
+    from PPCRegistrationLib.methods import resolve_method
+    from PPCRegistrationLib.metrics import mtre
+    from PPCRegistrationLib.simulation import ViewSampler, make_case
+
+    ct, roi, renderer, surface = lumbar_l3
+    targets = surface.points.detach().cpu().to(torch.float64)
+    case = make_case(renderer, targets, 4, (2.0, 6.0), ViewSampler(detector_size_px=128))
+    sim = PhysicsSimulator(ct, anchor=targets, metal=True,
+                           variation=PhysicsVariation(metal_p=1.0, log_p=1.0, collimation_p=0.0))
+    img, info = sim.simulate(case.projection, case.T_gt, seed=4)
+    before = img.clone()
+    reg = resolve_method("classic").registration(ct, img, case.projection, case.T_init, roi, RegistrationConfig(),
+                                                 T_gt=case.T_gt, surface=surface, renderer=renderer)
+    res = reg.run()
+    assert torch.equal(img, before)
+    assert reg.foreign_passes == 1 and any("inpainted" in st.message for st in res.history)
+    metal = info["metal_mask"]
+    assert float((reg.foreign_mask & metal).sum() / metal.sum()) > 0.5
+    assert float(mtre(res.T, case.T_gt, targets)) < 2.0
+    assert not torch.equal(reg.xray.cpu(), img)
+    reg.reset()
+    assert torch.equal(reg.xray.cpu(), img) and reg.foreign_passes == 0 and reg.foreign_mask is None
+    off = resolve_method("classic").registration(ct, img, case.projection, case.T_init, roi,
+                                                 RegistrationConfig().updated({"foreign.passes": 0}),
+                                                 surface=surface, renderer=renderer)
+    off.run()
+    assert off.foreign_passes == 0 and off.foreign_mask is None
