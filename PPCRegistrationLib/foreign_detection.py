@@ -30,7 +30,8 @@ def _box(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: float = 2.0, fit_px: int = 31,
-                     threshold_sd: float = 6.0, min_px: int = 8, iterations: int = 3) -> torch.Tensor:
+                     threshold_sd: float = 6.0, min_contrast: float = 0.1, min_px: int = 8,
+                     iterations: int = 3) -> torch.Tensor:
     """``(H, W)`` bool: the pixels of ``xray (H, W)`` (attenuation-positive) that the CT, whose DRR at the pose is
     ``drr (H, W)`` (line integrals on the same detector), cannot explain (see the module docstring).
 
@@ -38,6 +39,8 @@ def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: flo
         tolerance_px: how far (detector pixels) the CT's structures may lie from where the pose projects them.
         fit_px: side (pixels, odd) of the windows of the local linear map.
         threshold_sd: excess over the mapped DRR, in robust standard deviations of the map's residual.
+        min_contrast: ... and at least this fraction of the X-ray's 1-99 % range (in a smooth, low-noise image the
+            s.d. is tiny and a slight misfit of the imaging chain would pass the first test).
         min_px: smallest connected region kept (pixels).
         iterations: fits, each without the pixels found by the previous one.
     Raises:
@@ -57,6 +60,9 @@ def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: flo
     r = int(round(float(tolerance_px)))
     p_max = F.max_pool2d(F.pad(p[None, None], (r, r, r, r), mode="replicate"), 2 * r + 1, stride=1)[0, 0] \
         if r > 0 else p
+    step = x.flatten()[:: max(1, x.numel() // 100_000)]
+    lo, hi = (float(v) for v in torch.quantile(step, torch.tensor([0.01, 0.99], dtype=x.dtype)))
+    floor = float(min_contrast) * max(hi - lo, 1e-12)
     keep = torch.ones_like(x)
     found = torch.zeros_like(x, dtype=torch.bool)
     for _ in range(int(iterations)):
@@ -70,7 +76,7 @@ def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: flo
         sd = 1.4826 * float((res - res.median()).abs().median())
         if not sd > 0:
             break
-        found = (x - (a + b * p_max)) > threshold_sd * sd
+        found = (x - (a + b * p_max)) > max(threshold_sd * sd, floor)
         grown = F.max_pool2d(found[None, None].to(x), 5, stride=1, padding=2)[0, 0] > 0
         keep = (~grown).to(x)
     m = found.cpu().numpy()

@@ -331,7 +331,7 @@ def test_unexplained_mask_finds_what_the_ct_lacks():
     x = 0.2 + 0.5 * p * (1 + 0.3 * u / 96) + 0.002 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
     bar = torch.zeros(96, 96, dtype=torch.bool)
     bar[40:45, 20:70] = True
-    found = unexplained_mask(x + 0.3 * bar, p)
+    found = unexplained_mask(x + 0.5 * bar, p)
     assert float((found & bar).sum() / bar.sum()) > 0.9
     import scipy.ndimage as ndi
 
