@@ -88,7 +88,7 @@ class RefineAndRestart:
         """Append and return the IterationState of a refinement update (DRR at the new estimate, no points)."""
         proj = self.projection
         drr_full = torch.zeros(proj.height, proj.width)
-        win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
+        win = self._region_window(self.T)
         if win is not None:
             u0, v0, ww, wh = win
             with torch.no_grad():
@@ -155,21 +155,20 @@ class RefineAndRestart:
         cfg = self.config.foreign
         if self.foreign_passes >= int(cfg.passes):
             return ""
-        proj = self.projection
-        win = self._window(proj.project(transform_points(self.T, self.surface.points)[None])[0])
+        win = self._region_window(self.T)
         if win is None:
             return ""
         with torch.no_grad():
-            drr = self.renderer.render(proj, self.T[None])[0].to(self.xray)
+            drr = self.renderer.render(self.projection, self.T[None])[0].to(self.xray)
         found = unexplained_mask(self.xray, drr, tolerance_px=cfg.tolerance_px, fit_px=cfg.fit_px,
-                                 threshold_sd=cfg.threshold_sd)
+                                 threshold_sd=cfg.threshold_sd, min_contrast=cfg.min_contrast)
         u0, v0, ww, wh = win
         n_window = int(found[v0:v0 + wh, u0:u0 + ww].sum())
         if n_window < int(cfg.min_px):
             return ""
         self.foreign_mask = found if self.foreign_mask is None else (self.foreign_mask | found)
         self.foreign_passes += 1
-        self.xray = inpaint(self._xray_input, self.foreign_mask).to(self._xray_input)
+        self.xray = inpaint(self._xray_input, self.foreign_mask)
         self._xray_grad_cache.clear()
         self._initial_sim = None
         self._candidates = [(self._similarity(T), T, outcome) for _, T, outcome in self._candidates]

@@ -12,6 +12,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import InputError
+from .foreign_detection import FIT_PX, MIN_CONTRAST, THRESHOLD_SD, TOLERANCE_PX
 from .refine import (APPEARANCE, DEFAULT_APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX,
                      DEFAULT_SOLVERS, SOLVERS)
 
@@ -281,14 +282,15 @@ class ForeignSettings:
         region's window are more attenuating than the CT can explain, they are inpainted
         (:func:`~PPCRegistrationLib.inpainting.inpaint`) and the schedule runs again from the initial estimate on
         that X-ray; the results so far stay candidates, scored on it.  At most this many times (0 = off).
-    tolerance_px, fit_px, threshold_sd: the detection's settings (see ``unexplained_mask``).
+    tolerance_px, fit_px, threshold_sd, min_contrast: the detection's settings (see ``unexplained_mask``).
     min_px: foreign pixels inside the region's window that make a pass worth its time.
     """
 
     passes: int = 1
-    tolerance_px: float = 2.0
-    fit_px: int = 31
-    threshold_sd: float = 6.0
+    tolerance_px: float = TOLERANCE_PX
+    fit_px: int = FIT_PX
+    threshold_sd: float = THRESHOLD_SD
+    min_contrast: float = MIN_CONTRAST
     min_px: int = 40
 
     def __post_init__(self) -> None:

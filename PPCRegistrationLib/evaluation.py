@@ -27,10 +27,10 @@ import torch
 from .drr import DRRRenderer
 from .errors import InputError
 from .features import SurfacePoints
+from .inpainting import inpaint
 from .metrics import mrpd, mtre, paired_comparison, summarize
 from .methods import ALL_METHODS, DEFAULT_LEARNED_STEPS, DEFAULT_SWITCH_MM, Method, method_config, \
     models_from_mapping, normalize_method, resolve_method
-from .inpainting import inpaint
 from .physics_simulation import XRAY_MODELS, PhysicsSimulator
 from .physics_simulation import describe as describe_physics
 from .registration import REFINE, Matcher, OracleMatcher, Registration, RegistrationConfig, registration_surface

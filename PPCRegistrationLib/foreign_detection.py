@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["unexplained_mask"]
+__all__ = ["unexplained_mask", "TOLERANCE_PX", "FIT_PX", "THRESHOLD_SD", "MIN_CONTRAST"]
+
+#: the detection's defaults (also ``RegistrationConfig.foreign``'s): see :func:`unexplained_mask`
+TOLERANCE_PX = 2.0
+FIT_PX = 31
+THRESHOLD_SD = 6.0
+MIN_CONTRAST = 0.1
 
 
 def _box(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -29,9 +35,9 @@ def _box(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(F.avg_pool2d(y, (1, size), stride=1), (size, 1), stride=1)[0, 0]  # separable
 
 
-def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: float = 2.0, fit_px: int = 31,
-                     threshold_sd: float = 6.0, min_contrast: float = 0.1, min_px: int = 8,
-                     iterations: int = 3) -> torch.Tensor:
+def unexplained_mask(xray: torch.Tensor, drr: torch.Tensor, *, tolerance_px: float = TOLERANCE_PX,
+                     fit_px: int = FIT_PX, threshold_sd: float = THRESHOLD_SD, min_contrast: float = MIN_CONTRAST,
+                     min_px: int = 8, iterations: int = 3) -> torch.Tensor:
     """``(H, W)`` bool: the pixels of ``xray (H, W)`` (attenuation-positive) that the CT, whose DRR at the pose is
     ``drr (H, W)`` (line integrals on the same detector), cannot explain (see the module docstring).
 

@@ -237,7 +237,8 @@ class PhysicsSimulator:
         lo, hi = (float(v) for v in torch.quantile(inside, torch.tensor([0.005, 0.995], dtype=inside.dtype)))
         img = ((att - lo) / max(hi - lo, 1e-12)).clamp(0, 1).to(torch.float32)
         info = {k: v for k, v in p.items() if k != "objects"}
-        info.update(field_mask=field_mask, metal_mask=metal_mask, objects=p["objects"], mean_energy_kev=spec.mean_energy(),
+        info.update(field_mask=field_mask, metal_mask=metal_mask, objects=p["objects"],
+                    mean_energy_kev=spec.mean_energy(),
                     intensity_relationship="LOG" if p["log"] else "LIN",
                     intake_log=bool(not p["log"] and self.linear_intake))
         return img, info

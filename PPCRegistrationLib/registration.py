@@ -196,6 +196,10 @@ class Registration(RefineAndRestart):
                         search_px=cfg.prealign.search_px, angles_deg=cfg.prealign.angles_deg,
                         min_gain=cfg.prealign.min_gain)
 
+    def _region_window(self, T: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """:meth:`_window` around the region of interest projected at pose ``T (4, 4)``."""
+        return self._window(self.projection.project(transform_points(T, self.surface.points)[None])[0])
+
     def _window(self, uv_all: torch.Tensor) -> tuple[int, int, int, int] | None:
         """Detector window (u0, v0, width, height) around the projected region of interest, or None if it
         misses the detector."""
