@@ -210,6 +210,7 @@ class PPCRegistrationParameterNode:
     maxIterations: Annotated[int, WithinRange(1, 500)] = 30
     toleranceMM: Annotated[float, WithinRange(0.001, 10.0)] = 0.05
     intensityRefinement: bool = True
+    foreignObjects: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
@@ -599,7 +600,7 @@ class PPCRegistrationLogic(ScriptedLoadableModuleLogic):
         return (nid(p.ctVolume), nid(p.xrayVolume), nid(p.initialTransform), nid(p.roiNode), p.segmentId,
                 p.labelValues, nid(p.groundTruthTransform), nid(p.outputTransform), p.geometryFromXray, p.sddMM,
                 p.sidMM, p.pixelSpacingMM, p.primaryDeg, p.secondaryDeg, p.method, p.modelPath, p.device,
-                p.maxIterations, p.toleranceMM, p.intensityRefinement)
+                p.maxIterations, p.toleranceMM, p.intensityRefinement, p.foreignObjects)
 
     def parametersChanged(self, p) -> bool:
         return self._key(p) != self._sessionKey
@@ -630,7 +631,7 @@ class PPCRegistrationLogic(ScriptedLoadableModuleLogic):
         session.setup(p.ctVolume, p.xrayVolume, projection, sddMM=p.sddMM if p.geometryFromXray else None,
                       initialTransformNode=p.initialTransform, groundTruthTransformNode=p.groundTruthTransform,
                       method=p.method, maxIterations=p.maxIterations, toleranceMM=p.toleranceMM, device=p.device,
-                      intensityRefinement=p.intensityRefinement,
+                      intensityRefinement=p.intensityRefinement, foreignObjects=p.foreignObjects,
                       modelPath=modelPath, outputTransformNode=p.outputTransform, **kwargs)
         if not p.outputTransform:
             p.outputTransform = session.transformNode

@@ -305,6 +305,41 @@ def test_stop_request_stops_run(lumbar_scenario):
     assert len(seen) == 1 and result.status in ("stopped", "converged", "diverged")
 
 
+def test_foreign_objects_are_found_shown_and_reset(lumbar_scenario):
+    """A wire across the vertebra that the CT does not hold (a copy of the scenario's X-ray with a bright bar): the
+    registration's foreign-object pass finds it and the logic shows the pixels as a label map on the detector
+    plane; the X-ray node is not modified; reset empties the label map; with the option off no pass is made."""
+    scene, sc = lumbar_scenario
+    img = slicer.util.arrayFromVolume(sc.xrayNode).copy()
+    h, w = img.shape[-2:]
+    lo, hi = float(img.min()), float(img.max())
+    wire = np.zeros((h, w), bool)
+    wire[h // 2 - 1:h // 2 + 2, w // 4:3 * w // 4] = True
+    img[0][wire] = hi + 0.5 * (hi - lo)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "X-ray with a wire")
+    slicer.util.updateVolumeFromArray(node, img)
+    core.setIJKToRAS(node, core.ijkToRASArray(sc.xrayNode))
+    before = slicer.util.arrayFromVolume(node).copy()
+    logic = core.PPCRegistrationCoreLogic(scene)
+    kw = dict(initialTransformNode=sc.initialTransformNode, labelmapNode=sc.labelNode, labelIds=[L3],
+              groundTruthTransformNode=sc.groundTruthTransformNode, maxIterations=30, device="cpu")
+    logic.setup(sc.ctNode, node, sc.projection, **kw)
+    logic.run()
+    assert logic.registration.foreign_passes == 1
+    label = logic.outputNodes()["foreign"]
+    assert label.IsA("vtkMRMLLabelMapVolumeNode") and label.GetName() == core.OUTPUT_NAMES["foreign"]
+    found = slicer.util.arrayFromVolume(label)[0] > 0
+    assert found[wire].mean() > 0.5, found[wire].mean()
+    np.testing.assert_allclose(core.ijkToRASArray(label), core.xrayIJKToRAS(sc.projection), atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    logic.reset()
+    assert not slicer.util.arrayFromVolume(label).any()
+    off = core.PPCRegistrationCoreLogic(scene)
+    off.setup(sc.ctNode, node, sc.projection, foreignObjects=False, **kw)
+    off.run()
+    assert off.registration.foreign_passes == 0 and off.registration.config.foreign.passes == 0
+
+
 # ----------------------------------------------------------------------------- learned and chained methods
 
 
@@ -323,6 +358,8 @@ def test_methods_offered_by_the_module():
     assert core.makeConfig("classic").refine.iterations == RegistrationConfig().refine.iterations > 0
     assert cfg.refine.iterations == 0
     assert core.makeConfig("classic", intensityRefinement=False).refine.iterations == 0
+    assert core.makeConfig("classic").foreign.passes == RegistrationConfig().foreign.passes > 0
+    assert core.makeConfig("classic", foreignObjects=False).foreign.passes == 0
 
 
 def test_learned_method_without_model_file_fails_clearly(lumbar_scenario, tmp_path):

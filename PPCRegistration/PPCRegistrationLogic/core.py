@@ -48,6 +48,7 @@ OUTPUT_NAMES = {
     "flow": "PPC flow vectors",
     "carm": "PPC C-arm geometry",
     "xray": "PPC X-ray (detector)",
+    "foreign": "PPC foreign objects (X-ray)",
 }
 
 # Contour points and flow vectors are drawn this far in front of the detector (towards the source), so that
@@ -528,23 +529,28 @@ REFINE_ITERATIONS_PER_UPDATE = 2
 
 
 def baseConfig(maxIterations: int = 30, toleranceMM: float = 0.05, device: str = "auto",
-               intensityRefinement: bool = True):
-    """The library RegistrationConfig of the module's settings (before a method's overrides)."""
+               intensityRefinement: bool = True, foreignObjects: bool = True):
+    """The library RegistrationConfig of the module's settings (before a method's overrides).
+    ``foreignObjects``: the library's foreign-object passes (``foreign.passes``, default one) or none."""
     from PPCRegistrationLib.registration import RegistrationConfig
 
+    default = RegistrationConfig()
     return RegistrationConfig(device=resolveDevice(device)).updated({
         "guards.max_iterations": int(maxIterations), "guards.tolerance_mm": float(toleranceMM),
-        "refine.iterations": RegistrationConfig().refine.iterations if intensityRefinement else 0,
-        "refine.iterations_per_update": REFINE_ITERATIONS_PER_UPDATE})
+        "refine.iterations": default.refine.iterations if intensityRefinement else 0,
+        "refine.iterations_per_update": REFINE_ITERATIONS_PER_UPDATE,
+        "foreign.passes": default.foreign.passes if foreignObjects else 0})
 
 
 def makeConfig(method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05,
-               device: str = "auto", modelPath: str | None = None, intensityRefinement: bool = True):
+               device: str = "auto", modelPath: str | None = None, intensityRefinement: bool = True,
+               foreignObjects: bool = True):
     """The library RegistrationConfig of a method (of its learned phase for a chained method).  The model file
     is not part of the settings: see :func:`resolveMethod`."""
     from PPCRegistrationLib.methods import method_config
 
-    return method_config(normalizeMethod(method), baseConfig(maxIterations, toleranceMM, device, intensityRefinement))
+    return method_config(normalizeMethod(method),
+                         baseConfig(maxIterations, toleranceMM, device, intensityRefinement, foreignObjects))
 
 
 def _tensor(x, dtype=torch.float64) -> torch.Tensor:
@@ -585,7 +591,9 @@ class PPCRegistrationCoreLogic:
       * ``contour3DNode``: the 3D contour points (CT frame, under the transform), 'weight' point scalars;
       * ``flowNode``: line segments p_i -> p'_i on the detector plane, 'weight' point scalars;
       * ``carmNode``: source, detector outline and beam pyramid;
-      * ``xrayDisplayNode``: the X-ray on its detector plane (the input itself when it already lies there).
+      * ``xrayDisplayNode``: the X-ray on its detector plane (the input itself when it already lies there);
+      * ``foreignMaskNode``: a label map on the detector plane of the X-ray pixels the foreign-object pass found
+        unexplained by the CT and inpainted (metal, collimator shadows), created when a pass is made.
     """
 
     def __init__(self, scene=None) -> None:
@@ -603,6 +611,8 @@ class PPCRegistrationCoreLogic:
         self.contour3DNode = None
         self.flowNode = None
         self.carmNode = None
+        self.foreignMaskNode = None
+        self._foreignShown: int | None = None
         self.T_init: np.ndarray | None = None
         self._stopRequested = False
 
@@ -611,7 +621,8 @@ class PPCRegistrationCoreLogic:
               initialTransformNode=None, roi=None, roiNode=None, labelmapNode=None, labelIds=None,
               segmentationNode=None, segmentId: str | None = None, groundTruthTransformNode=None,
               method: str = "classic", maxIterations: int = 30, toleranceMM: float = 0.05, device: str = "auto",
-              modelPath: str | None = None, outputTransformNode=None, intensityRefinement: bool = True):
+              modelPath: str | None = None, outputTransformNode=None, intensityRefinement: bool = True,
+              foreignObjects: bool = True):
         """Build the registration from nodes and create the output nodes.
 
         Args:
@@ -632,6 +643,9 @@ class PPCRegistrationCoreLogic:
             intensityRefinement: end the classic updates with the intensity refinement (and its retry from the
                 initial transform when the result matches the X-ray worse than the start); see
                 ``PPCRegistrationLib.refine``.
+            foreignObjects: when a registration would end, look for what the CT does not explain in the X-ray
+                (metal, collimator shadows), inpaint it and register again (``PPCRegistrationLib.foreign_detection``;
+                the pixels found are shown in ``foreignMaskNode``).
         Returns:
             the library Registration object.
         """
@@ -671,7 +685,7 @@ class PPCRegistrationCoreLogic:
 
         ct = volumeFromNode(ctNode)
         xray = xrayImageFromNode(xrayNode)
-        config = baseConfig(maxIterations, toleranceMM, device, intensityRefinement)
+        config = baseConfig(maxIterations, toleranceMM, device, intensityRefinement, foreignObjects)
         self.registration = methodObj.registration(ct, xray, projection, torch.from_numpy(T_init), roi, config,
                                                    T_gt=None if T_gt is None else torch.from_numpy(T_gt))
         self.method = methodObj
@@ -796,6 +810,7 @@ class PPCRegistrationCoreLogic:
         self.lastState = None
         self._stopRequested = False
         setTransformMatrix(self.transformNode, self.T_init)
+        self._updateForeignMask()
 
     @property
     def isConverged(self) -> bool:
@@ -807,6 +822,7 @@ class PPCRegistrationCoreLogic:
         self.lastState = state
         proj = self.projection
         setTransformMatrix(self.transformNode, state.T)
+        self._updateForeignMask()
 
         drr = getattr(state, "drr", None)
         if drr is not None:
@@ -846,6 +862,27 @@ class PPCRegistrationCoreLogic:
                 self.flowNode.SetAndObservePolyData(
                     _segmentsPolyData(p2, self._detectorPoints(_tensor(uvm).reshape(-1, 2)), ww))
 
+    def _updateForeignMask(self) -> None:
+        """Show the registration's foreign-object mask (when it changed): a label map on the detector plane, created
+        on the first pass and emptied on reset."""
+        mask = getattr(self.registration, "foreign_mask", None)
+        count = None if mask is None else int(mask.sum())
+        if count == self._foreignShown or (mask is None and self.foreignMaskNode is None):
+            return
+        self._foreignShown = count
+        proj = self.projection
+        if self.foreignMaskNode is None or self.foreignMaskNode.GetScene() is not self.scene:
+            self.foreignMaskNode = _findOutput(self.scene, "foreign")
+        if self.foreignMaskNode is None:
+            self.foreignMaskNode = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", OUTPUT_NAMES["foreign"])
+            self.foreignMaskNode.SetAttribute(ATTR_ROLE, "foreign")
+        data = (np.zeros((proj.height, proj.width), np.uint8) if mask is None
+                else mask.detach().cpu().numpy().astype(np.uint8))
+        slicer.util.updateVolumeFromArray(self.foreignMaskNode, np.ascontiguousarray(data[None]))
+        setIJKToRAS(self.foreignMaskNode, xrayIJKToRAS(proj))
+        if self.foreignMaskNode.GetDisplayNode() is None:
+            self.foreignMaskNode.CreateDefaultDisplayNodes()
+
     def _detectorPoints(self, uv: torch.Tensor) -> np.ndarray:
         """World positions of detector pixels (u, v), moved OVERLAY_OFFSET_MM towards the source."""
         p = self.projection.index(0).to(dtype=torch.float64)
@@ -871,7 +908,11 @@ class PPCRegistrationCoreLogic:
                 cn.SetForegroundOpacity(float(opacity))
 
     def outputNodes(self) -> dict[str, Any]:
-        return {"transform": self.transformNode, "drr": self.drrNode, "contour2d": self.contour2DNode,
-                "contour3d": self.contour3DNode, "flow": self.flowNode, "carm": self.carmNode,
-                "xray": self.xrayDisplayNode}
+        """The output nodes by role (``"foreign"`` only once a foreign-object pass has made it)."""
+        nodes = {"transform": self.transformNode, "drr": self.drrNode, "contour2d": self.contour2DNode,
+                 "contour3d": self.contour3DNode, "flow": self.flowNode, "carm": self.carmNode,
+                 "xray": self.xrayDisplayNode}
+        if self.foreignMaskNode is not None:
+            nodes["foreign"] = self.foreignMaskNode
+        return nodes
 
