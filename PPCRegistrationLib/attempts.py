@@ -45,7 +45,8 @@ class RefineAndRestart:
                                                         else cfg.refine.iterations),
                                          highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
                                          margin_px=int(cfg.matching.window_margin_px),
-                                         appearance=cfg.refine.appearance)
+                                         appearance=cfg.refine.appearance,
+                                         mask_saturated=cfg.refine.mask_saturated)
         T = self._refine_start
         refiner = self._refiner
         done = refiner.advance(int(cfg.refine.iterations_per_update) or None, lambda: self.stop_requested)
@@ -220,7 +221,8 @@ class RefineAndRestart:
         cfg = self.config
         return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
                                sigma_px=cfg.refine.sigmas_px[-1], highpass_px=cfg.refine.highpass_px,
-                               blur_px=cfg.refine.blur_px, margin_px=int(cfg.matching.window_margin_px))
+                               blur_px=cfg.refine.blur_px, margin_px=int(cfg.matching.window_margin_px),
+                               mask_saturated=cfg.refine.mask_saturated)
 
     def _initial_similarity(self) -> float:
         """The refinement's gradient correlation at the initial estimate (computed once)."""

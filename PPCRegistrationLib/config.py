@@ -191,6 +191,8 @@ class RefineSettings:
         (:data:`~PPCRegistrationLib.refine.APPEARANCE`: ``"blur"``, the X-ray's point-spread function, ``"gamma"``,
         its contrast curve, and ``"response"``, the detector's output curve from logarithmic to linear; see
         :class:`~PPCRegistrationLib.refine.PoseRefiner`).
+    mask_saturated: leave the X-ray's saturated pixels (clipped at its minimum or maximum: burnt-out lung, direct
+        beam, collimator shadow) out of the image similarity (:class:`~PPCRegistrationLib.similarity.SimilarityWindow`).
     """
 
     iterations: int = DEFAULT_ITERATIONS
@@ -202,6 +204,7 @@ class RefineSettings:
     iterations_per_update: int = 0
     thorough_iterations: int = 20
     appearance: tuple[str, ...] = DEFAULT_APPEARANCE
+    mask_saturated: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "appearance", tuple(str(x) for x in self.appearance))

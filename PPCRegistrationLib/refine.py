@@ -112,7 +112,7 @@ class _ScaleRefiner:
 
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float, iterations: int, highpass_px: float, blur_px: float,
-                 margin_px: int, grid_px: int) -> None:
+                 margin_px: int, grid_px: int, mask_saturated: bool = True) -> None:
         if iterations < 1:
             raise InputError("refinement needs at least one iteration")
         self.t0 = time.perf_counter()
@@ -121,7 +121,8 @@ class _ScaleRefiner:
         self.T0 = torch.as_tensor(T, dtype=torch.float64, device=dev).clone()
         pts = points.to(dev, torch.float64)
         self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
-                                    highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
+                                    highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
+                                    mask_saturated=mask_saturated)
         self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
         self._centre = transform_points(self.T0, pts).mean(0)
         self.iterations, self.evaluations, self.iterations_done = int(iterations), 0, 0
@@ -165,8 +166,8 @@ class PoseRefiner(_ScaleRefiner):
     Args:
         renderer: the CT's renderer; xray: ``(H, W)``; projection: batch 1; T: ``(4, 4)`` the starting pose (not
             modified); points: ``(N, 3)`` region points (CT frame, mm: the window and rotation centre).
-        sigma_px, highpass_px, blur_px, margin_px, grid_px: see :class:`SimilarityWindow` (``blur_px``: the
-            blur's starting value when it is estimated).
+        sigma_px, highpass_px, blur_px, margin_px, grid_px, mask_saturated: see :class:`SimilarityWindow`
+            (``blur_px``: the blur's starting value when it is estimated).
         iterations: Levenberg–Marquardt iterations in all (one batch of seven renders each, plus one to start).
         fd_step: finite-difference step in scaled parameter units (1 = 0.02 rad or 2 mm; 1 px^2 of blur
             variance; 0.25 of log gamma; 0.25 of the response exponent).
@@ -181,9 +182,11 @@ class PoseRefiner(_ScaleRefiner):
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
                  highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1,
-                 fd_step: float = DEFAULT_FD_STEP, appearance: tuple[str, ...] = ()) -> None:
+                 fd_step: float = DEFAULT_FD_STEP, appearance: tuple[str, ...] = (),
+                 mask_saturated: bool = True) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
-                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
+                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
+                         mask_saturated=mask_saturated)
         self.appearance = tuple(dict.fromkeys(appearance))
         if not set(self.appearance) <= set(APPEARANCE):
             raise InputError(f"the refinement can estimate {', '.join(APPEARANCE)} with the pose, got "
@@ -300,9 +303,10 @@ class GradientRefiner(_ScaleRefiner):
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
                  highpass_px: float = 4.0,
-                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1) -> None:
+                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
-                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px)
+                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
+                         mask_saturated=mask_saturated)
         with torch.no_grad():
             self.before = float(self._similarity(torch.zeros(6, dtype=torch.float64, device=renderer.device)))
         self.best, self.best_T = self.before, self.T0
@@ -373,7 +377,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
                 iterations: int = DEFAULT_ITERATIONS,
                 highpass_px: float = 4.0, blur_px: float = 0.75, margin_px: int = 24,
                 should_stop: Callable[[], bool] | None = None,
-                appearance: tuple[str, ...] = DEFAULT_APPEARANCE) -> RefineResult:
+                appearance: tuple[str, ...] = DEFAULT_APPEARANCE, mask_saturated: bool = True) -> RefineResult:
     """Refine a pose by maximising the gradient correlation of DRR and X-ray (see the module docstring).
 
     Args:
@@ -397,6 +401,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         appearance: the imaging chain's parameters the Levenberg-Marquardt scales estimate with the pose (see
             :class:`PoseRefiner`; default :data:`DEFAULT_APPEARANCE`, as the registration's
             ``RefineSettings.appearance``; ``()`` = none).
+        mask_saturated: leave the X-ray's saturated pixels out of the correlation (see :class:`SimilarityWindow`).
     Returns:
         :class:`RefineResult`: ``similarity_before`` at the first scale, ``similarity_after`` at the last scale
         run; accepted when any scale was; ``evaluations`` counts every DRR rendered; ``appearance`` the estimate of
@@ -415,7 +420,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
     for i, sigma in enumerate(sigmas_px):
         r = make_refiner(solvers[i], renderer, xray, projection, T_cur, points, sigma_px=sigma, iterations=iterations,
                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px,
-                        grid_px=int(grids_px[i]), appearance=tuple(appearance))
+                        grid_px=int(grids_px[i]), appearance=tuple(appearance), mask_saturated=mask_saturated)
         r.advance(None, should_stop)
         results.append(r.result())
         T_cur = results[-1].T

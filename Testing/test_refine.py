@@ -310,3 +310,59 @@ def test_an_xray_linear_in_the_intensity_is_registered_through_the_estimated_det
     assert abs(res.appearance["response"] - 1.0) < 0.25 and abs(res.appearance["blur_px"] - 1.0) < 0.3, res.appearance
     print("depth error (mm): response estimated", depth(res.T), "held at log", depth(held.T))
     assert depth(res.T) < 0.3 and depth(res.T) < 0.5 * depth(held.T), (depth(res.T), depth(held.T))
+
+
+def test_saturated_pixels_are_a_plateau_at_the_images_extremes():
+    from PPCRegistrationLib.similarity import saturated
+
+    v, u = torch.meshgrid(torch.arange(64.0), torch.arange(80.0), indexing="ij")
+    ramp = u / 79.0 + 0.001 * v  # continuous: its extremes are held by one pixel each
+    assert not saturated(ramp).any()
+    clipped = ramp.clamp(0.2, 0.9)  # a display window that clipped both ends
+    sat = saturated(clipped)
+    assert torch.equal(sat, (ramp <= 0.2) | (ramp >= 0.9))
+    assert not saturated(torch.ones(8, 8)).any() or saturated(torch.ones(8, 8)).all()  # flat: all one plateau
+
+
+def test_the_correlation_ignores_what_the_drr_shows_behind_saturated_pixels():
+    """Two DRRs that differ only where the X-ray is saturated (and within two gradient scales of it) correlate
+    with it alike; left in, the difference changes the correlation."""
+    from PPCRegistrationLib.geometry import Projection, carm_pose
+    from PPCRegistrationLib.similarity import SimilarityWindow
+
+    proj = Projection.from_carm(carm_pose(0.0, 0.0, 700.0, torch.zeros(3)), 1000.0, 96, 96, 1.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 96, generator=g)
+    x[:, :40] = x.max()  # the left part burnt out
+    pts = torch.tensor([[-20.0, 0.0, -20.0], [20.0, 0.0, 20.0]], dtype=torch.float64)
+    T = torch.eye(4, dtype=torch.float64)
+    kw = dict(sigma_px=1.5, highpass_px=4.0, blur_px=0.0, margin_px=4)
+    win = SimilarityWindow(proj, x, T, pts, **kw)
+    assert win.mask is not None and 0.25 < float(win.mask.mean()) < 0.9
+    h, w = win.projection.height, win.projection.width
+    a = torch.randn(1, h, w, generator=g).abs()
+    b = a.clone()
+    # other edges where the X-ray has none, beyond the reach of the gradient and high-pass filters (3 sigma of both)
+    edge = win._crop[0] + int(win.mask[0, 0, 0].nonzero()[0]) - 20
+    assert edge > 5
+    b[..., :edge] += 5 * torch.rand(1, h, edge, generator=g)
+    assert torch.allclose(win.similarity(a), win.similarity(b), atol=1e-6)
+    plain = SimilarityWindow(proj, x, T, pts, mask_saturated=False, **kw)
+    assert plain.mask is None and abs(float(plain.similarity(a)) - float(plain.similarity(b))) > 1e-3
+
+
+def test_a_burnt_out_xray_keeps_its_depth(lumbar):
+    """An X-ray whose window clipped the third of the image with the least attenuation (as over lung or beside the
+    patient), refined from the true pose: with the saturated pixels left out the estimate stays, with them in
+    the DRR's edges behind the plateau pull it along the beam."""
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    case = make_case(renderer, pts, 11, (0, 1), variation=XRayVariation.none())
+    lo = float(torch.quantile(case.xray.flatten(), 0.45))
+    xray = case.xray.clamp_min(lo)
+    errors = {}
+    for masked in (True, False):
+        res = refine_pose(renderer, xray, case.projection, case.T_gt, pts, mask_saturated=masked)
+        errors[masked] = float(mtre(res.T, case.T_gt, pts))
+    print("mTRE from the true pose (mm): saturated left out", errors[True], "left in", errors[False])
+    assert errors[True] < 0.3 and errors[True] < errors[False], errors
