@@ -189,7 +189,8 @@ class RefineSettings:
         capture on hard cases: on 15 lumbar cases the fast refinement lost, full-resolution L-BFGS rescued 4.
     appearance: the imaging chain's parameters the Levenberg-Marquardt scale estimates with the pose
         (:data:`~PPCRegistrationLib.refine.APPEARANCE`: ``"blur"``, the X-ray's point-spread function, ``"gamma"``,
-        its contrast curve, and ``"response"``, the detector's output curve from logarithmic to linear; see
+        its contrast curve, ``"response"``, the detector's output curve from logarithmic to linear, and ``"scatter"``,
+        a uniform scatter added to the transmitted intensity (a fraction of the window's mean); see
         :class:`~PPCRegistrationLib.refine.PoseRefiner`).
     mask_saturated: leave the X-ray's saturated pixels (clipped at its minimum or maximum: burnt-out lung, direct
         beam, collimator shadow) out of the image similarity (:class:`~PPCRegistrationLib.similarity.SimilarityWindow`).

@@ -38,7 +38,7 @@ import torch
 from .drr import DRRRenderer
 from .errors import InputError
 from .geometry import Projection, se3_exp, transform_points, translation_matrix
-from .similarity import (BLUR_RANGE_PX, RESPONSE_RANGE, SimilarityWindow, gradient_correlation, highpass, pose_similarity,
+from .similarity import (BLUR_RANGE_PX, RESPONSE_RANGE, SCATTER_RANGE, SimilarityWindow, gradient_correlation, highpass, pose_similarity,
                          refine_window)
 
 __all__ = ["gradient_correlation", "highpass", "RefineResult", "SimilarityWindow", "PoseRefiner", "refine_pose",
@@ -73,7 +73,7 @@ DEFAULT_ITERATIONS = 10
 DEFAULT_FD_STEP = 0.01
 
 #: the imaging chain's parameters :class:`PoseRefiner` can estimate with the pose (``RefineSettings.appearance``)
-APPEARANCE = ("blur", "gamma", "response")
+APPEARANCE = ("blur", "gamma", "response", "scatter")
 #: those the registration estimates by default: the response curve is left out (on 50 physics-simulator lumbar cases,
 #: half of them linear images, estimating it too changed nothing: 19 vs 20 below 2 mm)
 DEFAULT_APPEARANCE = ("blur", "gamma")
@@ -170,7 +170,7 @@ class PoseRefiner(_ScaleRefiner):
             (``blur_px``: the blur's starting value when it is estimated).
         iterations: Levenberg–Marquardt iterations in all (one batch of seven renders each, plus one to start).
         fd_step: finite-difference step in scaled parameter units (1 = 0.02 rad or 2 mm; 1 px^2 of blur
-            variance; 0.25 of log gamma; 0.25 of the response exponent).
+            variance; 0.25 of log gamma; 0.25 of the response exponent; 0.25 of the scatter fraction).
         appearance: names from :data:`APPEARANCE` to estimate with the pose.
 
     Attributes:
@@ -201,9 +201,9 @@ class PoseRefiner(_ScaleRefiner):
         self.best_appearance = self._chain(self._d)
 
     def _chain(self, d: torch.Tensor) -> dict:
-        """The imaging chain's parameters of increments ``d``: ``{"blur_px": ..., "gamma": ..., "response": ...}``
+        """The imaging chain's parameters of increments ``d``: ``{"blur_px", "gamma", "response", "scatter"}``
         (in the order of :meth:`SimilarityWindow.residual`'s arguments)."""
-        out = {"blur_px": float(self.win.blur), "gamma": 1.0, "response": 0.0}
+        out = {"blur_px": float(self.win.blur), "gamma": 1.0, "response": 0.0, "scatter": 0.0}
         for j, name in enumerate(self.appearance):
             x = float(d[6 + j])
             if name == "blur":
@@ -211,8 +211,10 @@ class PoseRefiner(_ScaleRefiner):
                 out["blur_px"] = math.sqrt(min(max(self.win.blur ** 2 + x, lo ** 2), hi ** 2))
             elif name == "gamma":
                 out["gamma"] = min(max(math.exp(0.25 * x), GAMMA_RANGE[0]), GAMMA_RANGE[1])
-            else:
+            elif name == "response":
                 out["response"] = min(max(0.25 * x, RESPONSE_RANGE[0]), RESPONSE_RANGE[1])
+            elif name == "scatter":
+                out["scatter"] = min(max(0.25 * x, SCATTER_RANGE[0]), SCATTER_RANGE[1])
         return out
 
     def _residuals(self, drr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -242,7 +244,7 @@ class PoseRefiner(_ScaleRefiner):
     def result(self) -> RefineResult:
         res = super().result()
         if self.appearance and res.accepted:
-            keys = {"blur": "blur_px", "gamma": "gamma", "response": "response"}
+            keys = {"blur": "blur_px", "gamma": "gamma", "response": "response", "scatter": "scatter"}
             res.appearance = {keys[n]: self.best_appearance[keys[n]] for n in self.appearance}
         return res
 

@@ -17,12 +17,14 @@ from .geometry import Projection, coarsen_projection, crop_projection, transform
 from .gradients import gaussian_blur, image_gradient
 
 __all__ = ["gradient_correlation", "highpass", "SimilarityWindow", "refine_window", "pose_similarity",
-           "BLUR_RANGE_PX", "RESPONSE_RANGE", "saturated", "SATURATION_MIN_PX"]
+           "BLUR_RANGE_PX", "RESPONSE_RANGE", "SCATTER_RANGE", "saturated", "SATURATION_MIN_PX"]
 
 #: the bounds of the DRR's blur (detector pixels) when it is estimated (:class:`~PPCRegistrationLib.refine.PoseRefiner`)
 BLUR_RANGE_PX = (0.0, 3.0)
 #: the bounds of the detector's output curve (:meth:`SimilarityWindow.drr_gradient`: 0 = log, 1 = linear)
 RESPONSE_RANGE = (-0.5, 1.5)
+#: the bounds of the scatter added to the DRR's transmitted intensity, as a fraction of its window mean
+SCATTER_RANGE = (0.0, 2.0)
 #: the share of a window that must stay when the saturated pixels are left out; below it the whole window is used
 #: (a window almost all saturated has too little left to compare)
 MIN_UNSATURATED = 0.25
@@ -189,19 +191,23 @@ class SimilarityWindow:
         self._xn = _normalised(self.xray_gradient, self.mask)[0]
 
     def drr_gradient(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
-                     response: float = 0.0) -> torch.Tensor:
+                     response: float = 0.0, scatter: float = 0.0) -> torch.Tensor:
         """``(B, h, w)`` DRRs of :attr:`projection` -> their cropped, filtered gradients ``(B, 2, hc, wc)``.
 
         The nuisance parameters :class:`~PPCRegistrationLib.refine.PoseRefiner` can estimate: ``blur_px``
         (detector pixels) replaces the window's blur of the transmitted intensity ``I = exp(-DRR)``; ``response``
         is the detector's output curve ``(1 - I^response) / response`` (0 = the logarithm ``-log I``, 1 = an image
-        linear in the intensity); ``gamma`` raises the result to that power (a contrast curve)."""
+        linear in the intensity); ``scatter`` adds that fraction of the window's mean intensity to ``I`` before
+        (scatter: nearly uniform over a window, it lowers the contrast behind dense bone most); ``gamma`` raises
+        the result to that power (a contrast curve)."""
         pc, hc, wc = self._crop
         f = self.grid
         blur = self.blur if blur_px is None else float(blur_px)
         lam = float(response)
-        if blur > 0 or lam != 0.0:  # the detector blurs the transmitted intensity, not its logarithm
+        if blur > 0 or lam != 0.0 or scatter > 0:  # the detector blurs the transmitted intensity, not its log
             inten = torch.exp(-drr)
+            if scatter > 0:
+                inten = inten + float(scatter) * inten.mean(dim=(-2, -1), keepdim=True)
             if blur > 0:
                 inten = gaussian_blur(inten, blur / f)
             inten = inten.clamp_min(1e-30)
@@ -212,11 +218,11 @@ class SimilarityWindow:
         return highpass(g, self.highpass / f)[:, :, pc:pc + hc, pc:pc + wc]
 
     def residual(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
-                 response: float = 0.0) -> torch.Tensor:
+                 response: float = 0.0, scatter: float = 0.0) -> torch.Tensor:
         """``(B, M)`` normalised-gradient differences of DRRs ``(B, h, w)`` and the X-ray, ``|r|^2 = 4 (1 - GC)``; a
         flat DRR component (the CT out of the window) counts as uncorrelated (NCC 0).  ``blur_px``, ``gamma``,
         ``response``: see :meth:`drr_gradient`."""
-        d, flat = _normalised(self.drr_gradient(drr, blur_px, gamma, response), self.mask)
+        d, flat = _normalised(self.drr_gradient(drr, blur_px, gamma, response, scatter), self.mask)
         return torch.where(flat, -math.sqrt(2.0) * self._xn, d - self._xn).flatten(1)
 
     def similarity(self, drr: torch.Tensor) -> torch.Tensor:
