@@ -46,7 +46,7 @@ class RefineAndRestart:
                                          highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
                                          margin_px=int(cfg.matching.window_margin_px),
                                          appearance=cfg.refine.appearance,
-                                         mask_saturated=cfg.refine.mask_saturated)
+                                         mask_saturated=cfg.refine.mask_saturated, ignore=self._ignored())
         T = self._refine_start
         refiner = self._refiner
         done = refiner.advance(int(cfg.refine.iterations_per_update) or None, lambda: self.stop_requested)
@@ -222,7 +222,12 @@ class RefineAndRestart:
         return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
                                sigma_px=cfg.refine.sigmas_px[-1], highpass_px=cfg.refine.highpass_px,
                                blur_px=cfg.refine.blur_px, margin_px=int(cfg.matching.window_margin_px),
-                               mask_saturated=cfg.refine.mask_saturated)
+                               mask_saturated=cfg.refine.mask_saturated, ignore=self._ignored())
+
+    def _ignored(self) -> torch.Tensor | None:
+        """The X-ray pixels the image similarity leaves out: those a foreign-object pass inpainted (with
+        ``foreign.mask_inpainted``), where the inpainted X-ray is smooth while the DRR has the bone behind them."""
+        return self.foreign_mask if self.config.foreign.mask_inpainted else None
 
     def _initial_similarity(self) -> float:
         """The refinement's gradient correlation at the initial estimate (computed once)."""

@@ -288,6 +288,9 @@ class ForeignSettings:
         that X-ray; the results so far stay candidates, scored on it.  At most this many times (0 = off).
     tolerance_px, fit_px, threshold_sd, min_contrast: the detection's settings (see ``unexplained_mask``).
     min_px: foreign pixels inside the region's window that make a pass worth its time.
+    mask_inpainted: leave the inpainted pixels (and those within two gradient scales of them) out of the
+        refinement's image similarity, as the saturated ones (``refine.mask_saturated``): the inpainted X-ray is
+        smooth there while the DRR shows the bone behind the object.
     """
 
     passes: int = 1
@@ -296,6 +299,7 @@ class ForeignSettings:
     threshold_sd: float = THRESHOLD_SD
     min_contrast: float = MIN_CONTRAST
     min_px: int = 40
+    mask_inpainted: bool = True
 
     def __post_init__(self) -> None:
         if int(self.passes) < 0 or int(self.min_px) < 1:

@@ -112,7 +112,8 @@ class _ScaleRefiner:
 
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float, iterations: int, highpass_px: float, blur_px: float,
-                 margin_px: int, grid_px: int, mask_saturated: bool = True) -> None:
+                 margin_px: int, grid_px: int, mask_saturated: bool = True,
+                 ignore: torch.Tensor | None = None) -> None:
         if iterations < 1:
             raise InputError("refinement needs at least one iteration")
         self.t0 = time.perf_counter()
@@ -122,7 +123,7 @@ class _ScaleRefiner:
         pts = points.to(dev, torch.float64)
         self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
                                     highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                                    mask_saturated=mask_saturated)
+                                    mask_saturated=mask_saturated, ignore=ignore)
         self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
         self._centre = transform_points(self.T0, pts).mean(0)
         self.iterations, self.evaluations, self.iterations_done = int(iterations), 0, 0
@@ -166,7 +167,7 @@ class PoseRefiner(_ScaleRefiner):
     Args:
         renderer: the CT's renderer; xray: ``(H, W)``; projection: batch 1; T: ``(4, 4)`` the starting pose (not
             modified); points: ``(N, 3)`` region points (CT frame, mm: the window and rotation centre).
-        sigma_px, highpass_px, blur_px, margin_px, grid_px, mask_saturated: see :class:`SimilarityWindow`
+        sigma_px, highpass_px, blur_px, margin_px, grid_px, mask_saturated, ignore: see :class:`SimilarityWindow`
             (``blur_px``: the blur's starting value when it is estimated).
         iterations: Levenberg–Marquardt iterations in all (one batch of seven renders each, plus one to start).
         fd_step: finite-difference step in scaled parameter units (1 = 0.02 rad or 2 mm; 1 px^2 of blur
@@ -183,10 +184,11 @@ class PoseRefiner(_ScaleRefiner):
                  highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1,
                  fd_step: float = DEFAULT_FD_STEP, appearance: tuple[str, ...] = (),
-                 mask_saturated: bool = True) -> None:
+                 mask_saturated: bool = True,
+                 ignore: torch.Tensor | None = None) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                         mask_saturated=mask_saturated)
+                         mask_saturated=mask_saturated, ignore=ignore)
         self.appearance = tuple(dict.fromkeys(appearance))
         if not set(self.appearance) <= set(APPEARANCE):
             raise InputError(f"the refinement can estimate {', '.join(APPEARANCE)} with the pose, got "
@@ -305,10 +307,11 @@ class GradientRefiner(_ScaleRefiner):
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
                  highpass_px: float = 4.0,
-                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True) -> None:
+                 blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True,
+                 ignore: torch.Tensor | None = None) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                         mask_saturated=mask_saturated)
+                         mask_saturated=mask_saturated, ignore=ignore)
         with torch.no_grad():
             self.before = float(self._similarity(torch.zeros(6, dtype=torch.float64, device=renderer.device)))
         self.best, self.best_T = self.before, self.T0
@@ -379,7 +382,8 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
                 iterations: int = DEFAULT_ITERATIONS,
                 highpass_px: float = 4.0, blur_px: float = 0.75, margin_px: int = 24,
                 should_stop: Callable[[], bool] | None = None,
-                appearance: tuple[str, ...] = DEFAULT_APPEARANCE, mask_saturated: bool = True) -> RefineResult:
+                appearance: tuple[str, ...] = DEFAULT_APPEARANCE, mask_saturated: bool = True,
+                ignore: torch.Tensor | None = None) -> RefineResult:
     """Refine a pose by maximising the gradient correlation of DRR and X-ray (see the module docstring).
 
     Args:
@@ -404,6 +408,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
             :class:`PoseRefiner`; default :data:`DEFAULT_APPEARANCE`, as the registration's
             ``RefineSettings.appearance``; ``()`` = none).
         mask_saturated: leave the X-ray's saturated pixels out of the correlation (see :class:`SimilarityWindow`).
+        ignore: ``(H, W)`` bool X-ray pixels left out of the correlation as well (see :class:`SimilarityWindow`).
     Returns:
         :class:`RefineResult`: ``similarity_before`` at the first scale, ``similarity_after`` at the last scale
         run; accepted when any scale was; ``evaluations`` counts every DRR rendered; ``appearance`` the estimate of
@@ -422,7 +427,8 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
     for i, sigma in enumerate(sigmas_px):
         r = make_refiner(solvers[i], renderer, xray, projection, T_cur, points, sigma_px=sigma, iterations=iterations,
                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px,
-                        grid_px=int(grids_px[i]), appearance=tuple(appearance), mask_saturated=mask_saturated)
+                        grid_px=int(grids_px[i]), appearance=tuple(appearance), mask_saturated=mask_saturated,
+                        ignore=ignore)
         r.advance(None, should_stop)
         results.append(r.result())
         T_cur = results[-1].T

@@ -141,13 +141,16 @@ class SimilarityWindow:
             lung or direct beam has no edges there while the DRR has (on chest physics X-rays started at the true
             pose, the finest scale's optimum moved 2-7 mm along the beam in 4 of 8 cases without it, at most
             2.4 mm in 1 of 8 with it; docs/design.md §4.3).
+        ignore: ``(H, W)`` bool, X-ray pixels that carry no image of the CT (the inpainted foreign objects of
+            :class:`~PPCRegistrationLib.registration.Registration`): left out, with the same margin, as the
+            saturated ones; None = none.
     Raises:
         InputError: a bad X-ray or scale, or the region projects outside the detector.
     """
 
     def __init__(self, projection: Projection, xray: torch.Tensor, T: torch.Tensor, points: torch.Tensor, *,
                  sigma_px: float, highpass_px: float, blur_px: float, margin_px: int, grid_px: int = 1,
-                 mask_saturated: bool = True) -> None:
+                 mask_saturated: bool = True, ignore: torch.Tensor | None = None) -> None:
         if xray.ndim != 2 or tuple(xray.shape) != (projection.height, projection.width):
             raise InputError(f"the X-ray must be (H, W) = {(projection.height, projection.width)}, got "
                              f"{tuple(xray.shape)}")
@@ -182,6 +185,12 @@ class SimilarityWindow:
         #: ``(1, 1, hc, wc)`` 1 where the correlation looks, or None (everywhere)
         self.mask: torch.Tensor | None = None
         sat = saturated(x)[rows][:, cols] if mask_saturated else None
+        if ignore is not None:
+            if tuple(ignore.shape) != (H, W):
+                raise InputError(f"the mask of X-ray pixels to ignore must be (H, W) = {(H, W)}, got "
+                                 f"{tuple(ignore.shape)}")
+            out = ignore.to(dev, torch.bool)[rows][:, cols]
+            sat = out if sat is None else (sat | out)
         if sat is not None and bool(sat.any()):
             r = int(math.ceil(2 * self.sigma)) + 1
             grown = F.max_pool2d(sat[None, None].float(), 2 * r + 1, stride=1, padding=r)
@@ -237,7 +246,8 @@ class SimilarityWindow:
 @torch.no_grad()
 def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                     points: torch.Tensor, *, sigma_px: float = 1.5, highpass_px: float = 4.0, blur_px: float = 0.75,
-                    margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True) -> float:
+                    margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True,
+                    ignore: torch.Tensor | None = None) -> float:
     """The gradient correlation :func:`refine_pose` maximises, of one pose ``T (4, 4)`` (window around the
     projected ``points (N, 3)``): comparable between poses of the same X-ray.  One render.
 
@@ -246,5 +256,6 @@ def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Proje
     dev = renderer.device
     T = torch.as_tensor(T, dtype=torch.float64, device=dev)
     win = SimilarityWindow(projection, xray.to(dev), T, points, sigma_px=sigma_px, highpass_px=highpass_px,
-                           blur_px=blur_px, margin_px=margin_px, grid_px=grid_px, mask_saturated=mask_saturated)
+                           blur_px=blur_px, margin_px=margin_px, grid_px=grid_px, mask_saturated=mask_saturated,
+                           ignore=ignore)
     return float(win.similarity(renderer.render(win.projection, T[None]))[0])

@@ -351,6 +351,36 @@ def test_the_correlation_ignores_what_the_drr_shows_behind_saturated_pixels():
     assert plain.mask is None and abs(float(plain.similarity(a)) - float(plain.similarity(b))) > 1e-3
 
 
+def test_the_correlation_ignores_what_the_drr_shows_behind_ignored_pixels():
+    """Pixels given as ``ignore`` (a foreign-object pass's inpainted ones) are left out as saturated ones are: two DRRs
+    that differ only there correlate with the X-ray alike; a mask of the wrong shape is refused."""
+    from PPCRegistrationLib.geometry import Projection, carm_pose
+    from PPCRegistrationLib.similarity import SimilarityWindow
+
+    proj = Projection.from_carm(carm_pose(0.0, 0.0, 700.0, torch.zeros(3)), 1000.0, 96, 96, 1.0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(96, 96, generator=g)
+    x_before = x.clone()
+    ignore = torch.zeros(96, 96, dtype=torch.bool)
+    ignore[:, :40] = True
+    pts = torch.tensor([[-20.0, 0.0, -20.0], [20.0, 0.0, 20.0]], dtype=torch.float64)
+    T = torch.eye(4, dtype=torch.float64)
+    kw = dict(sigma_px=1.5, highpass_px=4.0, blur_px=0.0, margin_px=4)
+    win = SimilarityWindow(proj, x, T, pts, ignore=ignore, **kw)
+    assert torch.equal(x, x_before)
+    assert win.mask is not None and 0.25 < float(win.mask.mean()) < 0.9
+    assert SimilarityWindow(proj, x, T, pts, **kw).mask is None  # nothing saturated: only the ignored pixels
+    h, w = win.projection.height, win.projection.width
+    a = torch.randn(1, h, w, generator=g).abs()
+    b = a.clone()
+    edge = win._crop[0] + int(win.mask[0, 0, 0].nonzero()[0]) - 20
+    assert edge > 5
+    b[..., :edge] += 5 * torch.rand(1, h, edge, generator=g)
+    assert torch.allclose(win.similarity(a), win.similarity(b), atol=1e-6)
+    with pytest.raises(InputError, match="pixels to ignore"):
+        SimilarityWindow(proj, x, T, pts, ignore=ignore[:90], **kw)
+
+
 def test_a_burnt_out_xray_keeps_its_depth(lumbar):
     """An X-ray whose window clipped the third of the image with the least attenuation (as over lung or beside the
     patient), refined from the true pose: with the saturated pixels left out the estimate stays, with them in

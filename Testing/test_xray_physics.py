@@ -350,11 +350,13 @@ def test_unexplained_mask_finds_what_the_ct_lacks():
 
 def test_registration_inpaints_what_the_ct_cannot_explain(lumbar_l3):
     """On a physics X-ray of the lumbar CT with screws in L3 the classic registration finds the metal at its
-    result, registers again on the X-ray with it inpainted and ends below 2 mm; the X-ray given is not modified;
+    result, registers again on the X-ray with it inpainted (the image similarity leaving those pixels out) and ends
+    below 2 mm; the X-ray given is not modified;
     reset() goes back to it; ``foreign.passes = 0`` makes no pass."""
     from PPCRegistrationLib.config import RegistrationConfig
     from PPCRegistrationLib.methods import resolve_method
     from PPCRegistrationLib.metrics import mtre
+    from PPCRegistrationLib.similarity import pose_similarity
     from PPCRegistrationLib.simulation import ViewSampler, make_case
 
     ct, roi, renderer, surface = lumbar_l3
@@ -373,6 +375,15 @@ def test_registration_inpaints_what_the_ct_cannot_explain(lumbar_l3):
     assert float((reg.foreign_mask & metal).sum() / metal.sum()) > 0.5
     assert float(mtre(res.T, case.T_gt, targets)) < 2.0
     assert not torch.equal(reg.xray.cpu(), img)
+    # the image similarity leaves the inpainted pixels out (foreign.mask_inpainted), or with the setting off not
+    cfg = RegistrationConfig()
+    kw = dict(sigma_px=cfg.refine.sigmas_px[-1], highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
+              margin_px=int(cfg.matching.window_margin_px))
+    masked = pose_similarity(renderer, reg.xray, case.projection, res.T, surface.points, ignore=reg.foreign_mask, **kw)
+    plain = pose_similarity(renderer, reg.xray, case.projection, res.T, surface.points, **kw)
+    assert abs(reg._similarity(res.T) - masked) < 1e-6 and abs(masked - plain) > 1e-4, (masked, plain)
+    reg.config = cfg.updated({"foreign.mask_inpainted": False})
+    assert abs(reg._similarity(res.T) - plain) < 1e-6
     reg.reset()
     assert torch.equal(reg.xray.cpu(), img) and reg.foreign_passes == 0 and reg.foreign_mask is None
     off = resolve_method("classic").registration(ct, img, case.projection, case.T_init, roi,
