@@ -38,8 +38,8 @@ import torch
 from .drr import DRRRenderer
 from .errors import InputError
 from .geometry import Projection, se3_exp, transform_points, translation_matrix
-from .similarity import (BLUR_RANGE_PX, RESPONSE_RANGE, SCATTER_RANGE, SimilarityWindow, gradient_correlation, highpass, pose_similarity,
-                         refine_window)
+from .similarity import (BLUR_RANGE_PX, RESPONSE_RANGE, SCATTER_RANGE, SimilarityWindow, gradient_correlation, highpass,
+                         pose_similarity, refine_window)
 
 __all__ = ["gradient_correlation", "highpass", "RefineResult", "SimilarityWindow", "PoseRefiner", "refine_pose",
            "refine_window", "pose_similarity", "DEFAULT_SIGMAS_PX", "DEFAULT_GRIDS_PX", "DEFAULT_ITERATIONS",
@@ -77,6 +77,8 @@ APPEARANCE = ("blur", "gamma", "response", "scatter")
 #: those the registration estimates by default: the response curve is left out (on 50 physics-simulator lumbar cases,
 #: half of them linear images, estimating it too changed nothing: 19 vs 20 below 2 mm)
 DEFAULT_APPEARANCE = ("blur", "gamma")
+#: the bounds of the imaging-chain parameters that are linear in their increment (0.25 per unit)
+_LINEAR_CHAIN_RANGES = {"response": RESPONSE_RANGE, "scatter": SCATTER_RANGE}
 #: the bounds of the contrast exponent (the blur's: :data:`~PPCRegistrationLib.similarity.BLUR_RANGE_PX`)
 GAMMA_RANGE = (0.5, 2.0)
 
@@ -213,10 +215,9 @@ class PoseRefiner(_ScaleRefiner):
                 out["blur_px"] = math.sqrt(min(max(self.win.blur ** 2 + x, lo ** 2), hi ** 2))
             elif name == "gamma":
                 out["gamma"] = min(max(math.exp(0.25 * x), GAMMA_RANGE[0]), GAMMA_RANGE[1])
-            elif name == "response":
-                out["response"] = min(max(0.25 * x, RESPONSE_RANGE[0]), RESPONSE_RANGE[1])
-            elif name == "scatter":
-                out["scatter"] = min(max(0.25 * x, SCATTER_RANGE[0]), SCATTER_RANGE[1])
+            else:  # linear in the increment, within bounds
+                lo, hi = _LINEAR_CHAIN_RANGES[name]
+                out[name] = min(max(0.25 * x, lo), hi)
         return out
 
     def _residuals(self, drr: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -246,7 +247,7 @@ class PoseRefiner(_ScaleRefiner):
     def result(self) -> RefineResult:
         res = super().result()
         if self.appearance and res.accepted:
-            keys = {"blur": "blur_px", "gamma": "gamma", "response": "response", "scatter": "scatter"}
+            keys = {n: ("blur_px" if n == "blur" else n) for n in self.appearance}
             res.appearance = {keys[n]: self.best_appearance[keys[n]] for n in self.appearance}
         return res
 

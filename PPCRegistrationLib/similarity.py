@@ -180,20 +180,20 @@ class SimilarityWindow:
         crop = x[rows][:, cols]
         g = highpass(image_gradient(crop[None], sigma_px=self.sigma), self.highpass)
         self.xray_gradient = g[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]  # (1, 2, hc, wc)
-        # saturated pixels (a clipped window: burnt-out lung, direct beam, collimator shadow) and those whose
-        # gradient they reach (2 sigma) are left out of the correlation, in the X-ray and the DRRs alike
+        # saturated pixels (a clipped window: burnt-out lung, direct beam, collimator shadow), the ignored ones and
+        # those whose gradient they reach (2 sigma) are left out of the correlation, in the X-ray and the DRRs alike
         #: ``(1, 1, hc, wc)`` 1 where the correlation looks, or None (everywhere)
         self.mask: torch.Tensor | None = None
-        sat = saturated(x)[rows][:, cols] if mask_saturated else None
+        left_out = saturated(x)[rows][:, cols] if mask_saturated else None
         if ignore is not None:
             if tuple(ignore.shape) != (H, W):
                 raise InputError(f"the mask of X-ray pixels to ignore must be (H, W) = {(H, W)}, got "
                                  f"{tuple(ignore.shape)}")
-            out = ignore.to(dev, torch.bool)[rows][:, cols]
-            sat = out if sat is None else (sat | out)
-        if sat is not None and bool(sat.any()):
+            ignored = ignore.to(dev, torch.bool)[rows][:, cols]
+            left_out = ignored if left_out is None else (left_out | ignored)
+        if left_out is not None and bool(left_out.any()):
             r = int(math.ceil(2 * self.sigma)) + 1
-            grown = F.max_pool2d(sat[None, None].float(), 2 * r + 1, stride=1, padding=r)
+            grown = F.max_pool2d(left_out[None, None].float(), 2 * r + 1, stride=1, padding=r)
             keep = (grown < 0.5)[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]
             if float(keep.float().mean()) >= MIN_UNSATURATED:
                 self.mask = keep.to(torch.float32)

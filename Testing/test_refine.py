@@ -324,61 +324,60 @@ def test_saturated_pixels_are_a_plateau_at_the_images_extremes():
     assert not saturated(torch.ones(8, 8)).any() or saturated(torch.ones(8, 8)).all()  # flat: all one plateau
 
 
-def test_the_correlation_ignores_what_the_drr_shows_behind_saturated_pixels():
-    """Two DRRs that differ only where the X-ray is saturated (and within two gradient scales of it) correlate
-    with it alike; left in, the difference changes the correlation."""
+_WINDOW_KW = dict(sigma_px=1.5, highpass_px=4.0, blur_px=0.0, margin_px=4)
+
+
+def _left_window_out(x, g, **kw):
+    """A :class:`SimilarityWindow` of a 96x96 X-ray ``x`` whose left part is left out (``kw``: saturated or
+    ignored there), and two DRRs that differ only there, beyond the reach of the gradient and high-pass filters
+    (3 sigma of both) from the part compared.  Returns (its geometry, win, a, b)."""
     from PPCRegistrationLib.geometry import Projection, carm_pose
     from PPCRegistrationLib.similarity import SimilarityWindow
 
     proj = Projection.from_carm(carm_pose(0.0, 0.0, 700.0, torch.zeros(3)), 1000.0, 96, 96, 1.0)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(96, 96, generator=g)
-    x[:, :40] = x.max()  # the left part burnt out
     pts = torch.tensor([[-20.0, 0.0, -20.0], [20.0, 0.0, 20.0]], dtype=torch.float64)
     T = torch.eye(4, dtype=torch.float64)
-    kw = dict(sigma_px=1.5, highpass_px=4.0, blur_px=0.0, margin_px=4)
-    win = SimilarityWindow(proj, x, T, pts, **kw)
+    win = SimilarityWindow(proj, x, T, pts, **_WINDOW_KW, **kw)
     assert win.mask is not None and 0.25 < float(win.mask.mean()) < 0.9
     h, w = win.projection.height, win.projection.width
     a = torch.randn(1, h, w, generator=g).abs()
     b = a.clone()
-    # other edges where the X-ray has none, beyond the reach of the gradient and high-pass filters (3 sigma of both)
     edge = win._crop[0] + int(win.mask[0, 0, 0].nonzero()[0]) - 20
     assert edge > 5
     b[..., :edge] += 5 * torch.rand(1, h, edge, generator=g)
+    return (proj, x, T, pts), win, a, b
+
+
+def test_the_correlation_ignores_what_the_drr_shows_behind_saturated_pixels():
+    """Two DRRs that differ only where the X-ray is saturated (and within two gradient scales of it) correlate
+    with it alike; left in, the difference changes the correlation."""
+    from PPCRegistrationLib.similarity import SimilarityWindow
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(96, 96, generator=g)
+    x[:, :40] = x.max()  # the left part burnt out
+    geom, win, a, b = _left_window_out(x, g)
     assert torch.allclose(win.similarity(a), win.similarity(b), atol=1e-6)
-    plain = SimilarityWindow(proj, x, T, pts, mask_saturated=False, **kw)
+    plain = SimilarityWindow(*geom, mask_saturated=False, **_WINDOW_KW)
     assert plain.mask is None and abs(float(plain.similarity(a)) - float(plain.similarity(b))) > 1e-3
 
 
 def test_the_correlation_ignores_what_the_drr_shows_behind_ignored_pixels():
     """Pixels given as ``ignore`` (a foreign-object pass's inpainted ones) are left out as saturated ones are: two DRRs
     that differ only there correlate with the X-ray alike; a mask of the wrong shape is refused."""
-    from PPCRegistrationLib.geometry import Projection, carm_pose
     from PPCRegistrationLib.similarity import SimilarityWindow
 
-    proj = Projection.from_carm(carm_pose(0.0, 0.0, 700.0, torch.zeros(3)), 1000.0, 96, 96, 1.0)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(96, 96, generator=g)
     x_before = x.clone()
     ignore = torch.zeros(96, 96, dtype=torch.bool)
     ignore[:, :40] = True
-    pts = torch.tensor([[-20.0, 0.0, -20.0], [20.0, 0.0, 20.0]], dtype=torch.float64)
-    T = torch.eye(4, dtype=torch.float64)
-    kw = dict(sigma_px=1.5, highpass_px=4.0, blur_px=0.0, margin_px=4)
-    win = SimilarityWindow(proj, x, T, pts, ignore=ignore, **kw)
+    geom, win, a, b = _left_window_out(x, g, ignore=ignore)
     assert torch.equal(x, x_before)
-    assert win.mask is not None and 0.25 < float(win.mask.mean()) < 0.9
-    assert SimilarityWindow(proj, x, T, pts, **kw).mask is None  # nothing saturated: only the ignored pixels
-    h, w = win.projection.height, win.projection.width
-    a = torch.randn(1, h, w, generator=g).abs()
-    b = a.clone()
-    edge = win._crop[0] + int(win.mask[0, 0, 0].nonzero()[0]) - 20
-    assert edge > 5
-    b[..., :edge] += 5 * torch.rand(1, h, edge, generator=g)
+    assert SimilarityWindow(*geom, **_WINDOW_KW).mask is None  # nothing saturated: only the ignored pixels
     assert torch.allclose(win.similarity(a), win.similarity(b), atol=1e-6)
     with pytest.raises(InputError, match="pixels to ignore"):
-        SimilarityWindow(proj, x, T, pts, ignore=ignore[:90], **kw)
+        SimilarityWindow(*geom, ignore=ignore[:90], **_WINDOW_KW)
 
 
 def test_a_burnt_out_xray_keeps_its_depth(lumbar):
