@@ -46,7 +46,8 @@ class RefineAndRestart:
                                          highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
                                          margin_px=int(cfg.matching.window_margin_px),
                                          appearance=cfg.refine.appearance,
-                                         mask_saturated=cfg.refine.mask_saturated, ignore=self._ignored())
+                                         mask_saturated=cfg.refine.mask_saturated, ignore=self._ignored(),
+                                         local_contrast_px=cfg.refine.local_contrast_px)
         T = self._refine_start
         refiner = self._refiner
         done = refiner.advance(int(cfg.refine.iterations_per_update) or None, lambda: self.stop_requested)

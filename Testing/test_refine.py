@@ -359,7 +359,7 @@ def test_the_correlation_ignores_what_the_drr_shows_behind_saturated_pixels():
     geom, win, a, b = _left_window_out(x, g)
     assert torch.allclose(win.similarity(a), win.similarity(b), atol=1e-6)
     plain = SimilarityWindow(*geom, mask_saturated=False, **_WINDOW_KW)
-    assert plain.mask is None and abs(float(plain.similarity(a)) - float(plain.similarity(b))) > 1e-3
+    assert plain.mask is None and abs(float(plain.similarity(a)) - float(plain.similarity(b))) > 1e-4
 
 
 def test_the_correlation_ignores_what_the_drr_shows_behind_ignored_pixels():
@@ -423,3 +423,46 @@ def test_scatter_estimated_with_the_pose_keeps_the_depth_of_a_scattered_xray(lum
     assert 0.05 < res.appearance["scatter"] < 0.6 and res.appearance["scatter"] < SCATTER_RANGE[1], res.appearance
     print("depth error (mm): scatter estimated", depth(res.T), "held at 0", depth(held.T), res.appearance)
     assert depth(res.T) < 0.5 and depth(res.T) < depth(held.T), (depth(res.T), depth(held.T))
+
+
+def test_local_contrast_cancels_a_smooth_gain_on_the_gradients():
+    """Gradients times a smooth gain (a ramp from 0.5 to 1.5 across the image) correlate with the originals after
+    the local normalisation almost perfectly, and their local RMS magnitude is one wherever there are edges."""
+    from PPCRegistrationLib.similarity import local_contrast
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.avg_pool2d(torch.randn(1, 1, 132, 132, generator=g), 5, stride=1)[0]  # (1, 128, 128)
+    from PPCRegistrationLib.gradients import image_gradient
+
+    grad = image_gradient(img, sigma_px=1.5)
+    gain = torch.linspace(0.5, 1.5, 128)[None, None, None, :]
+    a, b = local_contrast(grad, 6.0), local_contrast(grad * gain, 6.0)
+    inner = (..., slice(20, -20), slice(20, -20))
+    before = float(gradient_correlation(grad[inner], (grad * gain)[inner]))
+    after = float(gradient_correlation(a[inner], b[inner]))
+    assert before < 0.99 and after > 0.995 and (1 - after) < 0.25 * (1 - before), (before, after)
+    rms = torch.nn.functional.avg_pool2d((a * a).sum(1, keepdim=True), 15, stride=1)
+    assert 0.6 < float(rms.median()) < 1.1
+    assert torch.equal(local_contrast(grad, 0.0), grad)
+
+
+def test_local_contrast_keeps_the_depth_under_thickness_dependent_scatter(lumbar):
+    """Scatter that grows with the thickness behind each pixel and spreads widely (a convolution model, as a
+    physics simulator or a real detector makes it) lowers the X-ray's contrast most behind thick anatomy: a smooth
+    gain on its gradients.  Refined from the true pose, the estimate stays with the local contrast normalisation
+    and drifts along the beam without it."""
+    from PPCRegistrationLib.simulation import _gaussian_blur
+
+    ct, roi, renderer, surface = lumbar
+    pts = surface.points.to(torch.float64)
+    case = make_case(renderer, pts, 11, (0, 1), variation=XRayVariation.none())
+    line = renderer.render(case.projection, case.T_gt[None])[0].double()
+    primary = torch.exp(-line)
+    scatter = _gaussian_blur(primary * 0.5 * line / float(line.mean()), 30.0)
+    xray = (-torch.log(primary + scatter)).float()
+    errors = {}
+    for px in (6.0, 0.0):
+        res = refine_pose(renderer, xray, case.projection, case.T_gt, pts, local_contrast_px=px)
+        errors[px] = float(mtre(res.T, case.T_gt, pts))
+    print("mTRE from the true pose (mm): local contrast 6 px", errors[6.0], "off", errors[0.0])
+    assert errors[6.0] < 0.3 and errors[6.0] < errors[0.0], errors  # 0.19 vs 0.54 mm when written
