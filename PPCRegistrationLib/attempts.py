@@ -139,11 +139,12 @@ class RefineAndRestart:
         self._enter_phase(0)
         self._restart_from_initial()
 
-    def _end_attempt(self, similarity: float) -> tuple[str, str]:
-        """After the refinement of an attempt: the schedule's next attempt (:meth:`_next_or_final`); when the
-        registration would end, a foreign-object pass (:meth:`_foreign_pass`) if the X-ray holds what the CT
+    def _end_attempt(self, fit: float) -> tuple[str, str]:
+        """After the refinement of an attempt, whose own gradient correlation (local contrast normalised, with the
+        imaging chain fitted) at its result is ``fit``: the schedule's next attempt (:meth:`_next_or_final`); when
+        the registration would end, a foreign-object pass (:meth:`_foreign_pass`) if the X-ray holds what the CT
         cannot explain.  Returns the status of the update and a note for its message."""
-        status, note = self._next_or_final(similarity)
+        status, note = self._next_or_final(fit)
         if status == "running" or self.stop_requested:
             return status, note
         found = self._foreign_pass()
@@ -173,20 +174,25 @@ class RefineAndRestart:
         self.xray = inpaint(self._xray_input, self.foreign_mask)
         self._xray_grad_cache.clear()
         self._initial_sim = None
-        self._candidates = [(self._similarity(T), T, outcome) for _, T, outcome in self._candidates]
+        self._candidates = [(self._similarity_or_none(T), T, outcome) for _, T, outcome in self._candidates]
         self.attempt = 0
         self._start_attempt()
         return (f"; {n_window} pixels of the region's window are more attenuating than the CT can explain (metal?): "
                 f"registering again from the initial estimate with {int(self.foreign_mask.sum())} pixels inpainted")
 
-    def _next_or_final(self, similarity: float) -> tuple[str, str]:
-        """After the refinement of an attempt: the schedule's next attempt from the initial estimate when
-        this one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
-        estimate that correlates best)."""
+    def _next_or_final(self, fit: float) -> tuple[str, str]:
+        """After the refinement of an attempt: the schedule's next attempt from the initial estimate when this
+        one's result correlates poorly with the X-ray, or the final estimate (the attempt result or initial
+        estimate that correlates best).
+
+        Poses are compared by one measure, :meth:`_similarity` (the initial estimate, every attempt's result, and
+        after a foreign-object pass all of them again on the inpainted X-ray); the refinement's own figure ``fit``
+        reads another value at the same pose and serves only the absolute bar ``restart.below_similarity``."""
         cfg = self.config
-        self._candidates.append((float(similarity), self.T.clone(), self._ppc_outcome))
+        similarity = self._similarity_or_none(self.T)
+        self._candidates.append((similarity, self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()
-        good = similarity >= cfg.restart.below_similarity and similarity > initial
+        good = fit >= cfg.restart.below_similarity and similarity > initial
         if self._thorough == "running":
             self._thorough = "done"
         if self.attempt == 1 and self.stop_requested:
@@ -201,13 +207,13 @@ class RefineAndRestart:
             self._thorough = "running"
             self.T = self._ppc_end.clone()
             self.refining, self.refine_level = True, 0
-            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               "refining the PPC result again at full resolution")
+            return "running", (f"; its fit {fit:.3f} or image similarity {similarity:.3f} is low (initial estimate "
+                               f"{initial:.3f}): refining the PPC result again at full resolution")
         if not good and not self.stop_requested and self.attempt < len(self.schedule.attempts):
             self._start_attempt()
             what = self.current_attempt.description
-            return "running", (f"; its image similarity {similarity:.3f} is low (initial estimate {initial:.3f}): "
-                               "starting again " + (what or "from the initial estimate"))
+            return "running", (f"; its fit {fit:.3f} or image similarity {similarity:.3f} is low (initial estimate "
+                               f"{initial:.3f}): starting again " + (what or "from the initial estimate"))
         # the attempts' results and the initial estimate, in this order
         options = self._candidates + [(initial, self.T_init.clone(), "diverged")]
         k = max(range(len(options)), key=lambda i: options[i][0])
@@ -230,11 +236,15 @@ class RefineAndRestart:
         ``foreign.mask_inpainted``), where the inpainted X-ray is smooth while the DRR has the bone behind them."""
         return self.foreign_mask if self.config.foreign.mask_inpainted else None
 
+    def _similarity_or_none(self, T: torch.Tensor) -> float:
+        """:meth:`_similarity`, or -inf where the pose projects the region outside the detector."""
+        try:
+            return self._similarity(T)
+        except InputError:
+            return -math.inf
+
     def _initial_similarity(self) -> float:
         """The refinement's gradient correlation at the initial estimate (computed once)."""
         if self._initial_sim is None:
-            try:
-                self._initial_sim = self._similarity(self.T_init)
-            except InputError:  # the initial estimate projects outside the detector
-                self._initial_sim = -math.inf
+            self._initial_sim = self._similarity_or_none(self.T_init)
         return float(self._initial_sim)

@@ -179,6 +179,12 @@ def test_a_low_similarity_result_is_retried_from_the_initial_estimate(lumbar):
             for T in (res.T, case.T_init)]
     assert sims[0] >= sims[1]
     assert float(mtre(res.T, case.T_gt, pts)) < 1.0
+    # every attempt's result is scored by the measure of the initial estimate (the plain correlation), not by the
+    # refinement's own (local contrast normalised, appearance fitted), which reads another value at the same pose
+    listed = [float(x) for x in res.history[-1].message.rsplit("image similarities ", 1)[1].rstrip(")").split(", ")]
+    plain = [reg._similarity(T) for _, T, _ in reg._candidates] + [reg._similarity(case.T_init)]
+    assert listed == pytest.approx(plain, abs=1e-3)
+    assert max(listed) == pytest.approx(reg._similarity(res.T.to(torch.float64)), abs=1e-3)
     # keeping the initial estimate reports the attempts as diverged; an attempt's result, its own outcome
     kept_initial = "kept the initial estimate" in res.history[-1].message
     assert res.status == ("diverged" if kept_initial else "converged")
