@@ -174,7 +174,7 @@ class RefineAndRestart:
         self.xray = inpaint(self._xray_input, self.foreign_mask)
         self._xray_grad_cache.clear()
         self._initial_sim = None
-        self._candidates = [(self._similarity_or_none(T), T, outcome) for _, T, outcome in self._candidates]
+        self._candidates = [(self._similarity_or_lowest(T), T, outcome) for _, T, outcome in self._candidates]
         self.attempt = 0
         self._start_attempt()
         return (f"; {n_window} pixels of the region's window are more attenuating than the CT can explain (metal?): "
@@ -189,7 +189,7 @@ class RefineAndRestart:
         after a foreign-object pass all of them again on the inpainted X-ray); the refinement's own figure ``fit``
         reads another value at the same pose and serves only the absolute bar ``restart.below_similarity``."""
         cfg = self.config
-        similarity = self._similarity_or_none(self.T)
+        similarity = self._similarity_or_lowest(self.T)
         self._candidates.append((similarity, self.T.clone(), self._ppc_outcome))
         initial = self._initial_similarity()
         good = fit >= cfg.restart.below_similarity and similarity > initial
@@ -224,7 +224,9 @@ class RefineAndRestart:
         return outcome, f"; kept {which} (image similarities " + ", ".join(f"{o[0]:.3f}" for o in options) + ")"
 
     def _similarity(self, T: torch.Tensor) -> float:
-        """The refinement's gradient correlation (finest scale) of a pose, without gradients."""
+        """The image similarity of a pose, by which all poses are compared: the plain gradient correlation at the
+        refinement's finest scale (saturated and left-out pixels excluded; no local contrast normalisation and no
+        fitted imaging chain, unlike the refinement's own figure), without gradients."""
         cfg = self.config
         return pose_similarity(self.renderer, self.xray, self.projection, T, self.surface.points,
                                sigma_px=cfg.refine.sigmas_px[-1], highpass_px=cfg.refine.highpass_px,
@@ -236,7 +238,7 @@ class RefineAndRestart:
         ``foreign.mask_inpainted``), where the inpainted X-ray is smooth while the DRR has the bone behind them."""
         return self.foreign_mask if self.config.foreign.mask_inpainted else None
 
-    def _similarity_or_none(self, T: torch.Tensor) -> float:
+    def _similarity_or_lowest(self, T: torch.Tensor) -> float:
         """:meth:`_similarity`, or -inf where the pose projects the region outside the detector."""
         try:
             return self._similarity(T)
@@ -244,7 +246,7 @@ class RefineAndRestart:
             return -math.inf
 
     def _initial_similarity(self) -> float:
-        """The refinement's gradient correlation at the initial estimate (computed once)."""
+        """:meth:`_similarity` at the initial estimate (computed once per X-ray)."""
         if self._initial_sim is None:
-            self._initial_sim = self._similarity_or_none(self.T_init)
+            self._initial_sim = self._similarity_or_lowest(self.T_init)
         return float(self._initial_sim)

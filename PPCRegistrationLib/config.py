@@ -246,9 +246,10 @@ class RefineSettings:
 class RestartSettings:
     """The restart policy's thresholds (docs/design.md §4.4; the attempts themselves are the method's schedule).
 
-    below_similarity: after the refinement, a result whose gradient correlation (the refinement's measure) is below
-        this value or not above that of the initial estimate is poor: the schedule's next attempt starts from the
-        initial estimate, and the registration keeps whichever result (or the initial estimate) correlates best
+    below_similarity: after the refinement, a result whose gradient correlation by the refinement's own measure
+        is below this value, or whose plain image similarity is not above that of the initial estimate, is poor:
+        the schedule's next attempt starts from the initial estimate, and the registration keeps whichever result
+        (or the initial estimate) has the highest plain image similarity
         (0 = only when worse than the initial estimate; needs the refinement).  Measured on 10 lumbar failures of
         the first attempt: the retry rescued 5.
     patience: ``guards.patience`` of an attempt that stops on a falling similarity (the retry: it stops and reverts

@@ -8,10 +8,10 @@ on a stop request, or on divergence (then it falls back to the best estimate), a
 
 When the PPC updates are done, the intensity refinement (:mod:`PPCRegistrationLib.refine`, one update per
 scale) optimises the pose on the images.  If the result then correlates with the X-ray less than the initial
-estimate does, or less than ``retry_below_similarity``, a second attempt starts from the initial estimate (no
-2D pre-alignment, stopping when the similarity stops improving), and the registration keeps whichever of the
-two results and the initial estimate correlates best: a registration never ends further from the X-ray, by
-its own measure, than it started.
+estimate does, or its refinement's own figure is below ``restart.below_similarity``, the schedule's next attempt
+starts from the initial estimate (first a retry with no 2D pre-alignment, stopping when the similarity stops
+improving), and the registration keeps whichever of the results and the initial estimate correlates best: a
+registration never ends further from the X-ray, by its own measure, than it started.
 """
 
 from __future__ import annotations
