@@ -275,7 +275,7 @@ def test_the_imaging_chain_estimated_with_the_pose_removes_the_depth_bias_of_a_b
 
 
 def test_refine_settings_name_the_imaging_chain_parameters():
-    assert RegistrationConfig().refine.appearance == ("blur", "gamma")
+    assert RegistrationConfig().refine.appearance == ("blur", "gamma", "scatter")
     assert RegistrationConfig().updated({"refine.appearance": []}).refine.appearance == ()
     assert RegistrationConfig().updated({"refine.appearance": ["response"]}).refine.appearance == ("response",)
     with pytest.raises(InputError, match="blur, gamma, response"):
@@ -472,3 +472,39 @@ def test_local_contrast_keeps_the_depth_under_thickness_dependent_scatter(lumbar
         errors[px] = float(mtre(res.T, case.T_gt, pts))
     print("mTRE from the true pose (mm): local contrast 6 px", errors[6.0], "off", errors[0.0])
     assert errors[6.0] < 0.3 and errors[6.0] < errors[0.0], errors  # 0.19 vs 0.54 mm when written
+
+
+def test_scatter_estimated_by_default_keeps_the_depth_of_physics_xrays(chest_ct_paths, one_torch_thread):
+    """Physics-simulator X-rays of the sample chest CT (a training patient; polychromatic beam, convolution scatter,
+    detector; no metal), refined from the true pose: with the default imaging chain (blur, gamma and scatter) the
+    estimate stays closer to the truth than with blur and gamma alone (seeds 0-5: mean 0.42 vs 0.69 mm when
+    written; over 20 seeds the median 0.37 vs 0.61 mm)."""
+    from PPCRegistrationLib.drr import DRRRenderer
+    from PPCRegistrationLib.io import read_label_map, read_volume
+    from PPCRegistrationLib.physics_simulation import PhysicsSimulator
+    from PPCRegistrationLib.registration import registration_surface
+    from PPCRegistrationLib.roi import roi_from_vertebra
+    from PPCRegistrationLib.simulation import ViewSampler
+
+    ct = read_volume(chest_ct_paths["ct"])
+    roi = roi_from_vertebra(read_label_map(chest_ct_paths["labels"], ct), "T8")
+    cfg = RegistrationConfig()
+    assert cfg.refine.appearance == ("blur", "gamma", "scatter")
+    renderer = DRRRenderer(ct)
+    pts = registration_surface(ct, roi, cfg).points.to(torch.float64)
+    physics = PhysicsSimulator(ct, anchor=pts)
+    views = ViewSampler(detector_size_px=256)
+    r = cfg.refine
+    errors: dict[tuple, list] = {("blur", "gamma", "scatter"): [], ("blur", "gamma"): []}
+    for seed in range(6):
+        case = make_case(renderer, pts, seed, (0.0, 20.0), views)
+        xray, _ = physics.simulate(case.projection, case.T_gt, case.xray_seed)
+        for appearance, out in errors.items():
+            res = refine_pose(renderer, xray, case.projection, case.T_gt, pts, sigmas_px=r.sigmas_px,
+                              grids_px=r.grids_px, solvers=r.solvers, iterations=r.iterations,
+                              highpass_px=r.highpass_px, blur_px=r.blur_px, margin_px=cfg.matching.window_margin_px,
+                              appearance=appearance, local_contrast_px=r.local_contrast_px)
+            out.append(float(mtre(res.T, case.T_gt, pts)))
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    print("mTRE from the true pose (mm):", errors)
+    assert mean[("blur", "gamma", "scatter")] < 0.8 * mean[("blur", "gamma")], mean
