@@ -155,11 +155,8 @@ def _cmd_bench(args) -> int:
     evals: list[int] = []
 
     def whole_refinement():
-        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, sigmas_px=cfg.refine.sigmas_px,
-                        grids_px=cfg.refine.grids_px, solvers=cfg.refine.solvers, iterations=cfg.refine.iterations,
-                        highpass_px=cfg.refine.highpass_px, blur_px=cfg.refine.blur_px,
-                        margin_px=cfg.matching.window_margin_px, appearance=cfg.refine.appearance,
-                        mask_saturated=cfg.refine.mask_saturated, local_contrast_px=cfg.refine.local_contrast_px)
+        r = refine_pose(renderer, reg.xray, reg.projection, T, P0, margin_px=cfg.matching.window_margin_px,
+                        **cfg.refine.pose_kwargs())
         evals.append(r.evaluations)
 
     _say("")

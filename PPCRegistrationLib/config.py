@@ -241,6 +241,15 @@ class RefineSettings:
     def enabled(self) -> bool:
         return int(self.iterations) > 0
 
+    def pose_kwargs(self) -> dict:
+        """These settings as the keyword arguments of :func:`~PPCRegistrationLib.refine.refine_pose` (all but the
+        window margin, which is ``matching.window_margin_px``), so that a whole refinement outside the registration
+        runs as the registration's does."""
+        return {"sigmas_px": self.sigmas_px, "grids_px": self.grids_px, "solvers": self.solvers,
+                "iterations": self.iterations, "highpass_px": self.highpass_px, "blur_px": self.blur_px,
+                "appearance": self.appearance, "mask_saturated": self.mask_saturated,
+                "local_contrast_px": self.local_contrast_px}
+
 
 @dataclass(frozen=True)
 class RestartSettings:

@@ -276,6 +276,9 @@ def test_the_imaging_chain_estimated_with_the_pose_removes_the_depth_bias_of_a_b
 
 def test_refine_settings_name_the_imaging_chain_parameters():
     assert RegistrationConfig().refine.appearance == ("blur", "gamma", "scatter")
+    import inspect
+    kwargs = RegistrationConfig().refine.pose_kwargs()
+    assert set(kwargs) <= set(inspect.signature(refine_pose).parameters) and kwargs["grids_px"] == (4, 2, 2)
     assert RegistrationConfig().updated({"refine.appearance": []}).refine.appearance == ()
     assert RegistrationConfig().updated({"refine.appearance": ["response"]}).refine.appearance == ("response",)
     with pytest.raises(InputError, match="blur, gamma, response"):
@@ -494,16 +497,14 @@ def test_scatter_estimated_by_default_keeps_the_depth_of_physics_xrays(chest_ct_
     pts = registration_surface(ct, roi, cfg).points.to(torch.float64)
     physics = PhysicsSimulator(ct, anchor=pts)
     views = ViewSampler(detector_size_px=256)
-    r = cfg.refine
     errors: dict[tuple, list] = {("blur", "gamma", "scatter"): [], ("blur", "gamma"): []}
     for seed in range(6):
         case = make_case(renderer, pts, seed, (0.0, 20.0), views)
         xray, _ = physics.simulate(case.projection, case.T_gt, case.xray_seed)
         for appearance, out in errors.items():
-            res = refine_pose(renderer, xray, case.projection, case.T_gt, pts, sigmas_px=r.sigmas_px,
-                              grids_px=r.grids_px, solvers=r.solvers, iterations=r.iterations,
-                              highpass_px=r.highpass_px, blur_px=r.blur_px, margin_px=cfg.matching.window_margin_px,
-                              appearance=appearance, local_contrast_px=r.local_contrast_px)
+            settings = {**cfg.refine.pose_kwargs(), "appearance": appearance}
+            res = refine_pose(renderer, xray, case.projection, case.T_gt, pts,
+                              margin_px=cfg.matching.window_margin_px, **settings)
             out.append(float(mtre(res.T, case.T_gt, pts)))
     mean = {k: sum(v) / len(v) for k, v in errors.items()}
     print("mTRE from the true pose (mm):", errors)
