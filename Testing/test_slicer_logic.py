@@ -67,7 +67,7 @@ def test_xray_plane_round_trip():
 def test_projection_from_xray_node_uses_parent_transform_and_sdd_attribute(scene):
     proj = _projection()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "xray")
-    core._setVolumeArray(node, np.random.default_rng(0).random((1, proj.height, proj.width)))
+    core.setVolumeArray(node, np.random.default_rng(0).random((1, proj.height, proj.width)))
     core.setIJKToRAS(node, core.xrayIJKToRAS(proj))
     with pytest.raises(ValueError, match="source-to-detector"):
         core.projectionFromXrayNode(node)
@@ -182,11 +182,11 @@ def test_roi_from_labelmap_and_segment(scene):
 
 def test_points_and_segments_poly_data():
     pts = np.random.default_rng(0).random((9, 3))
-    pd = core._pointsPolyData(pts, np.linspace(-0.5, 1.5, 9))
+    pd = core.pointsPolyData(pts, np.linspace(-0.5, 1.5, 9))
     assert pd.GetNumberOfPoints() == 9 and pd.GetNumberOfVerts() == 9
     w = pd.GetPointData().GetArray(core.WEIGHT_ARRAY)
     assert 0.0 <= w.GetRange()[0] and w.GetRange()[1] <= 1.0  # clipped into [0, 1]
-    seg = core._segmentsPolyData(pts, pts + 1.0, np.ones(9))
+    seg = core.segmentsPolyData(pts, pts + 1.0, np.ones(9))
     assert seg.GetNumberOfPoints() == 18 and seg.GetNumberOfLines() == 9
     carm = core.carmPolyData(_projection())
     assert carm.GetNumberOfPoints() > 20
@@ -262,7 +262,7 @@ def test_step_reset_and_outputs_reused(lumbar_scenario):
     n = int(state.points_3d.shape[0])
     assert logic.contour2DNode.GetPolyData().GetNumberOfPoints() == n
     assert logic.flowNode.GetPolyData().GetNumberOfLines() == n
-    np.testing.assert_allclose(core.transformToWorldArray(logic.transformNode), core._np(state.T), atol=1e-9)
+    np.testing.assert_allclose(core.transformToWorldArray(logic.transformNode), core.asNumpy(state.T), atol=1e-9)
     logic.reset()
     np.testing.assert_allclose(core.transformToWorldArray(logic.transformNode), sc.T_init, atol=1e-9)
     assert logic.registration.iteration == 0

@@ -78,14 +78,14 @@ def test_overlay_lines_up_at_the_ground_truth(session):
     renderer = DRRRenderer(core.volumeFromNode(sc.ctNode))
     saved = slicer.util.arrayFromVolume(logic.drrNode).copy()
     drr_init = renderer.render(logic.projection, torch.from_numpy(sc.T_init)[None])[0]
-    core._setVolumeArray(logic.drrNode, drr_init.numpy()[None])
+    core.setVolumeArray(logic.drrNode, drr_init.numpy()[None])
     before = misalignment(logic)
     drr = renderer.render(logic.projection, torch.from_numpy(sc.T_gt)[None])[0]
-    core._setVolumeArray(logic.drrNode, drr.numpy()[None])
+    core.setVolumeArray(logic.drrNode, drr.numpy()[None])
     at_gt = misalignment(logic)
     render.renderXrayView(logic, OUT / "xray_overlay_ground_truth.png", showPoints=False, showFlow=False,
                           title="DRR at the ground truth (grey = aligned)")
-    core._setVolumeArray(logic.drrNode, saved)
+    core.setVolumeArray(logic.drrNode, saved)
     assert at_gt < 0.6 * before, (at_gt, before)
 
 

@@ -1,6 +1,7 @@
 """Qt-free part of the PPCRegistration Slicer module (runs in Slicer and on slicer-core's headless MRML).
 
-``core``: MRML nodes <-> PPCRegistrationLib objects and the registration session writing output nodes.
+``core``: the registration session writing output nodes, and (re-exported) ``nodes`` (MRML nodes <->
+PPCRegistrationLib objects), ``carm`` (the C-arm geometry), ``display`` (what is drawn), ``settings``.
 ``scenario``: the simulated test scenario shared by the module's self-test and the pytest suite.
 """
 

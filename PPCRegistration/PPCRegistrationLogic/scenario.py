@@ -130,7 +130,7 @@ def simulateCase(scene, ctNode, labelNode, labelId: int, *, initialMTREMM: float
     T_init = random_initial_transform(T_gt, targets, initialMTREMM, torch.Generator().manual_seed(seed + 1))
 
     xrayNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", xrayName)
-    core._setVolumeArray(xrayNode, xray[None])
+    core.setVolumeArray(xrayNode, xray[None])
     core.setIJKToRAS(xrayNode, core.xrayIJKToRAS(projection))
     xrayNode.SetAttribute(core.ATTR_SDD, f"{sddMM:.6g}")
     xrayNode.CreateDefaultDisplayNodes()
@@ -181,9 +181,9 @@ def checkOutputs(logic, sc: Scenario, res: ScenarioResult) -> list[str]:
     if sc.ctNode.GetTransformNodeID() != nodes["transform"].GetID():
         problems.append("the CT is not under the registration transform")
     T = core.transformToWorldArray(nodes["transform"])
-    Tlast = core._np(res.states[-1].T) if res.states else sc.T_init
+    Tlast = core.asNumpy(res.states[-1].T) if res.states else sc.T_init
     if res.states and getattr(res.result, "status", "") not in ("diverged", "failed") \
-            and not np.allclose(T, Tlast, atol=1e-6) and not np.allclose(T, core._np(res.result.T), atol=1e-6):
+            and not np.allclose(T, Tlast, atol=1e-6) and not np.allclose(T, core.asNumpy(res.result.T), atol=1e-6):
         problems.append("the transform node does not hold the registration result")
     # DRR: single slice on the detector plane, same size as the X-ray, not empty
     drr = slicer.util.arrayFromVolume(nodes["drr"])

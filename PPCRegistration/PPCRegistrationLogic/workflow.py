@@ -225,7 +225,7 @@ class Workflow:
     def _setCase(self, image: np.ndarray, projection, T_base, T_gt, description: str) -> None:
         self._removeCase()
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "X-ray")
-        core._setVolumeArray(node, image[None])
+        core.setVolumeArray(node, image[None])
         core.setIJKToRAS(node, core.xrayIJKToRAS(projection))
         node.SetAttribute(core.ATTR_SDD, f"{float(projection.sdd[0]):.6g}")
         node.CreateDefaultDisplayNodes()
