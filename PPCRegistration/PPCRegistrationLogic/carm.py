@@ -71,7 +71,8 @@ def projectionFromXrayNode(xrayNode, sddMM: float | None = None) -> Projection:
     """Projection of an X-ray node that already lies on its detector plane.
 
     The SDD is ``sddMM`` or, when not given, the node's ``PPCRegistration.SourceToDetectorDistance``
-    attribute (written by :func:`placeXrayOnDetector` and by the module's simulation).
+    attribute (:data:`ATTR_SDD`, written on the nodes the module puts on the detector: the session's X-ray and DRR
+    (``core.PPCRegistrationCoreLogic``), the simulated scenario and the workflow's cases).
     """
     if sddMM is None:
         attr = xrayNode.GetAttribute(ATTR_SDD)
